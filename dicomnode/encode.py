@@ -1,0 +1,244 @@
+"""Encode synthetic PET/T2FS fusion slices as a derived Secondary Capture series (highdicom).
+
+One single-frame RGB SC image per source slice, in the source study, in a new series whose UIDs
+are derived from the source UIDs and the model version, so sending the same result twice is
+idempotent at the PACS. Patient and study attributes are copied element by element (the person
+name keeps its original bytes), so Latin-1, UTF-8 and ISO 2022 names survive unchanged.
+No torch here: the daemon encodes in a process that need not load the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
+
+from dicomnode import __version__
+
+SERIES_DESCRIPTION = "SYNTHETIC PET/T2FS FUSION - NOT FOR DIAGNOSIS"
+BANNER_TEXT = "SYNTHETIC"
+SERIES_NUMBER_OFFSET = 1000
+ORIENTATION_MIN_COSINE = 0.01  # direction cosine components below this are not named
+
+# Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study module
+# attributes copied verbatim from the first source instance.
+PATIENT_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence",
+    "OtherPatientNames", "EthnicGroup", "PatientComments", "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
+    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "StudyID", "AccessionNumber", "IssuerOfAccessionNumberSequence",
+    "StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence", "AdmittingDiagnosesDescription", "PatientAge", "PatientSize",
+    "PatientWeight", "PatientSexNeutered", "Occupation", "AdditionalPatientHistory", "PregnancyStatus",
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+)
+GEOMETRY_KEYWORDS = ("FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient",
+                     "ImageOrientationPatient", "SliceThickness")
+
+
+def series_uid(source_series_uid: str, model_name: str, model_version: str, variant: str = "",
+               prefix: str = PYDICOM_ROOT_UID) -> str:
+    """The synthetic series UID: a hash of the source series UID, the model and its version."""
+    return generate_uid(prefix, ["dicomnode/series", source_series_uid, model_name, model_version, variant])
+
+
+def instance_uid(source_sop_uid: str, model_name: str, model_version: str, variant: str = "",
+                 prefix: str = PYDICOM_ROOT_UID) -> str:
+    """The synthetic SOP Instance UID of the image derived from one source instance."""
+    return generate_uid(prefix, ["dicomnode/instance", source_sop_uid, model_name, model_version, variant])
+
+
+def patient_orientation(iop: Sequence[float]) -> tuple[str, str]:
+    """Patient Orientation (row, column directions) from Image Orientation (Patient), e.g. ("PH", "FP")."""
+    return _direction_letters(iop[:3]), _direction_letters(iop[3:])
+
+
+def _direction_letters(cosines: Sequence[float]) -> str:
+    letters = []
+    for axis in np.argsort(-np.abs(np.asarray(cosines, dtype=float))):
+        c = float(cosines[axis])
+        if abs(c) >= ORIENTATION_MIN_COSINE:
+            letters.append(("LR", "PA", "HF")[axis][0 if c > 0 else 1])
+    return "".join(letters)
+
+
+def burn_banner(rgb: np.ndarray, text: str = BANNER_TEXT) -> np.ndarray:
+    """Return a copy of `rgb` with `text` burned into the top-left corner, white on black.
+
+    Uses PIL's built-in bitmap font scaled by an integer factor (about 6% of the image height),
+    so the pixels are identical on every machine and no font file is needed.
+    """
+    img = np.array(rgb, dtype=np.uint8, copy=True)
+    rows, cols = img.shape[:2]
+    font = ImageFont.load_default_imagefont()
+    left, top, right, bottom = font.getbbox(text)
+    mask = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, font=font, fill=255)
+    margin = max(1, cols // 100)
+    k = max(1, min(int(rows * 0.06) // mask.height, int(cols * 0.5) // mask.width))
+    w, h = mask.width * k, mask.height * k
+    if w > cols - 4 * margin:  # tiny image: shrink below the native bitmap size, keep it legible-ish
+        w, h = cols - 4 * margin, max(3, round(mask.height * (cols - 4 * margin) / mask.width))
+    glyphs = np.asarray(mask.resize((w, h), Image.Resampling.NEAREST if k > 1 else Image.Resampling.BOX)) >= 96
+    y0, x0 = margin, margin
+    y1, x1 = min(rows, y0 + h + 2 * margin), min(cols, x0 + w + 2 * margin)
+    img[y0:y1, x0:x1] = 0
+    region = img[y0 + margin:y0 + margin + h, x0 + margin:x0 + margin + w]
+    region[glyphs[:region.shape[0], :region.shape[1]]] = 255
+    return img
+
+
+def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], *, model_name: str,
+                  model_version: str, banner: bool = True, manufacturer: str = "dicomnode",
+                  manufacturer_model_name: str = "dicomnode PET/T2FS synthesiser",
+                  software_version: str = __version__, institution_name: str | None = None,
+                  institutional_department_name: str | None = None, station_name: str | None = None,
+                  series_number: int | None = None, series_description: str = SERIES_DESCRIPTION,
+                  uid_prefix: str = PYDICOM_ROOT_UID, uid_variant: str = "") -> list[Dataset]:
+    """Encode one RGB uint8 (H, W, 3) image per ordered source slice as a Secondary Capture series.
+
+    `uid_variant` goes into the UID hash: pass a digest of anything besides the model version that
+    changes the pixels (sampler settings, seed) so different pictures never share a UID.
+    """
+    if len(sources) != len(rgb_slices) or not sources:
+        raise ValueError(f"need one image per source slice, got {len(rgb_slices)} for {len(sources)}")
+    _check_own_text(model_name=model_name, model_version=model_version, manufacturer=manufacturer,
+                    manufacturer_model_name=manufacturer_model_name, software_version=software_version,
+                    institution_name=institution_name, institutional_department_name=institutional_department_name,
+                    station_name=station_name, series_description=series_description, uid_variant=uid_variant)
+    first = sources[0]
+    if any(s.StudyInstanceUID != first.StudyInstanceUID or s.SeriesInstanceUID != first.SeriesInstanceUID
+           for s in sources):
+        raise ValueError("sources must be one series")
+    new_series = series_uid(first.SeriesInstanceUID, model_name, model_version, uid_variant, uid_prefix)
+    if series_number is None:
+        series_number = min(int(first.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET, 2**31 - 1)
+    now = datetime.datetime.now()
+    equipment = hd.ContributingEquipment(
+        manufacturer, codes.DCM.SynthesizingEquipment, manufacturer_model_name=manufacturer_model_name,
+        software_versions=[software_version, f"{model_name} {model_version}"[:64]],
+        institution_name=institution_name, institutional_department_name=institutional_department_name,
+        station_name=station_name, contribution_description=f"Synthesis by {model_name} {model_version}"[:64])
+    derivation = (f"Synthetic 18F-FDG PET/T2FS fusion generated from the T2 fat-saturated MR source image "
+                  f"by {model_name} version {model_version} (Pix2Pix + conditional DDPM); not acquired PET")
+    out = []
+    for number, (src, rgb) in enumerate(zip(sources, rgb_slices), start=1):
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"image {number}: expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        if banner:
+            rgb = burn_banner(rgb)
+        on_grid = rgb.shape[:2] == (src.Rows, src.Columns) and all(
+            k in src for k in ("ImageOrientationPatient", "ImagePositionPatient", "FrameOfReferenceUID"))
+        orient = _orientation(src)
+        sc = hd.sc.SCImage(
+            pixel_array=np.ascontiguousarray(rgb), photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", study_instance_uid=src.StudyInstanceUID,
+            series_instance_uid=new_series, series_number=series_number,
+            sop_instance_uid=instance_uid(src.SOPInstanceUID, model_name, model_version, uid_variant, uid_prefix),
+            instance_number=number, manufacturer=manufacturer,
+            pixel_spacing=_pixel_spacing(src, rgb.shape[:2]),
+            patient_orientation=(orient[0][0], orient[1][0]),
+            transfer_syntax_uid=ExplicitVRLittleEndian, contributing_equipment=_equipment(src, equipment),
+            series_description=series_description, manufacturer_model_name=manufacturer_model_name,
+            software_versions=software_version, institution_name=institution_name,
+            institutional_department_name=institutional_department_name,
+            series_date=now.date(), series_time=now.time(), content_date=now.date(), content_time=now.time())
+        _copy_patient_study(src, sc)
+        sc.PatientOrientation = list(orient)  # all letters, e.g. PH\FP for an oblique sagittal slice
+        if on_grid:
+            for keyword in (*GEOMETRY_KEYWORDS, "PixelSpacing"):
+                if keyword in src:
+                    sc[keyword] = copy.deepcopy(src[keyword])
+        _mark_derived(sc, src, derivation, f"SYNTHETIC image from {model_name} {model_version}. "
+                      "Not acquired PET; not for diagnosis.", banner)
+        out.append(sc)
+    return out
+
+
+def _check_own_text(**values: str | None) -> None:
+    """What dicomnode writes itself must be valid in any source character set, and LO-sized."""
+    for key, value in values.items():
+        if value is not None and not value.isascii():
+            raise ValueError(f"{key} must be ASCII (it is written in the source's character set)")
+    if len(values["series_description"] or "") > 64:
+        raise ValueError("series_description is longer than 64 characters")
+
+
+def _mark_derived(sc: Dataset, src: Dataset, derivation: str, comments: str, banner: bool) -> None:
+    """The attributes that say what this image is, where it came from and that it is synthetic."""
+    if "BodyPartExamined" in src:
+        sc.BodyPartExamined = src.BodyPartExamined
+    if src.get("LossyImageCompression") == "01":
+        sc.LossyImageCompression = "01"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "SYN"
+    sc.SyntheticData = "YES"
+    sc.BurnedInAnnotation = "YES" if banner else "NO"
+    sc.DerivationDescription = derivation[:1024]
+    sc.ImageComments = comments
+    sc.SourceImageSequence = [_reference(src, with_purpose=True)]
+    ref_series = Dataset()
+    ref_series.SeriesInstanceUID = src.SeriesInstanceUID
+    ref_series.ReferencedInstanceSequence = [_reference(src, with_purpose=False)]
+    sc.ReferencedSeriesSequence = [ref_series]
+
+
+def _copy_patient_study(src: Dataset, dst: Dataset) -> None:
+    """Copy patient/study elements and the character set unchanged (type 2 stays empty if absent)."""
+    if "SpecificCharacterSet" in src:
+        dst.SpecificCharacterSet = copy.deepcopy(src.SpecificCharacterSet)
+    elif "SpecificCharacterSet" in dst:
+        del dst.SpecificCharacterSet
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in src:
+            dst[keyword] = copy.deepcopy(src[keyword])
+
+
+def _orientation(src: Dataset) -> tuple[str, str]:
+    if "ImageOrientationPatient" in src:
+        return patient_orientation([float(v) for v in src.ImageOrientationPatient])
+    given = src.get("PatientOrientation")
+    if given is not None and len(given) == 2 and all(given):
+        return str(given[0]), str(given[1])
+    raise ValueError(f"source {src.get('SOPInstanceUID', '?')} has neither Image Orientation (Patient) "
+                     "nor Patient Orientation")
+
+
+def _pixel_spacing(src: Dataset, shape: tuple[int, int]) -> tuple[float, float] | None:
+    """Source spacing, scaled when the image was resized, so the physical extent is unchanged."""
+    if "PixelSpacing" not in src:
+        return None
+    dy, dx = (float(v) for v in src.PixelSpacing)
+    return dy * src.Rows / shape[0], dx * src.Columns / shape[1]
+
+
+def _equipment(src: Dataset, synthesiser: hd.ContributingEquipment) -> list[hd.ContributingEquipment]:
+    """The MR scanner (when the source names it) and the synthesiser."""
+    try:
+        return [hd.ContributingEquipment.for_image_acquisition(src), synthesiser]
+    except (AttributeError, ValueError):
+        return [synthesiser]
+
+
+def _reference(src: Dataset, with_purpose: bool) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = src.SOPClassUID
+    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if with_purpose:
+        item.PurposeOfReferenceCodeSequence = [
+            hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
+    return item

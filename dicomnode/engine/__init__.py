@@ -1,0 +1,1 @@
+"""The deep-learning core: networks, diffusion, model cards, preprocessing and the synthesiser."""

@@ -1,0 +1,154 @@
+"""From one received DICOM series to the model batch, and from model outputs back to slices.
+
+Slices are ordered by their position along the slice normal (Instance Number is not reliable
+across vendors), decoded whatever their transfer syntax, rescaled, normalised per series and
+placed on the model grid with `dicomnode.engine.grid`, exactly as training does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from os import PathLike
+from typing import Sequence
+
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.pixels import apply_rescale
+
+from dicomnode.engine.grid import MODEL_GRID, GridPlacement, normalize_series, unit_to_rgb
+
+ORIENTATION_TOL = 1e-3  # max difference of direction cosines between slices
+SPACING_RTOL = 1e-3  # relative pixel spacing tolerance between slices
+POSITION_TOL_MM = 1e-3  # two slices closer than this along the normal are duplicates
+
+
+class SeriesError(ValueError):
+    """The series cannot be turned into a model batch; the message says which instance and why."""
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where one source slice lies; kept so outputs can be mapped back and encoded on its grid."""
+
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float]
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    location: float  # position projected on the slice normal, mm
+
+
+@dataclass(frozen=True)
+class PreparedSeries:
+    """A series ready for the model: ordered sources, the (S, 1, G, G) batch and how to undo it."""
+
+    datasets: tuple[Dataset, ...]
+    batch: np.ndarray
+    placements: tuple[GridPlacement, ...]
+    geometry: tuple[SliceGeometry, ...]
+    normal: tuple[float, float, float]
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+
+def prepare_series(items: Sequence[Dataset | str | PathLike], size: int = MODEL_GRID) -> PreparedSeries:
+    """Read, check, order, decode and normalise one series; raise SeriesError on bad input."""
+    if not items:
+        raise SeriesError("empty series")
+    datasets = [_read(item) for item in items]
+    geoms = [_geometry(ds, _name(ds, item)) for ds, item in zip(datasets, items)]
+    normal = _check_consistent(datasets, geoms, items)
+    order = sorted(range(len(datasets)), key=lambda i: geoms[i].location)
+    for a, b in zip(order, order[1:]):
+        if geoms[b].location - geoms[a].location < POSITION_TOL_MM:
+            raise SeriesError(f"{_name(datasets[a], items[a])} and {_name(datasets[b], items[b])} "
+                              f"lie at the same position ({geoms[a].location:.3f} mm along the normal)")
+    datasets = [datasets[i] for i in order]
+    geoms = [geoms[i] for i in order]
+    items = [items[i] for i in order]
+    volume = np.stack([_pixels(ds, _name(ds, item)) for ds, item in zip(datasets, items)])
+    volume = normalize_series(volume)
+    placements = [GridPlacement.for_image(g.rows, g.cols, g.pixel_spacing, size=size) for g in geoms]
+    batch = np.stack([p.to_grid(s) for p, s in zip(placements, volume)])[:, None].astype(np.float32)
+    return PreparedSeries(tuple(datasets), batch, tuple(placements), tuple(geoms), normal)
+
+
+def outputs_to_rgb(prepared: PreparedSeries, outputs: np.ndarray) -> list[np.ndarray]:
+    """Model outputs (S, 3, G, G) in [-1, 1] -> one uint8 (Rows, Columns, 3) image per source slice."""
+    out = np.asarray(outputs, dtype=np.float32)
+    if out.ndim != 4 or out.shape[0] != len(prepared) or out.shape[1] != 3:
+        raise ValueError(f"expected outputs of shape ({len(prepared)}, 3, G, G), got {out.shape}")
+    return [unit_to_rgb(p.from_grid(o)) for p, o in zip(prepared.placements, out)]
+
+
+def _read(item: Dataset | str | PathLike) -> Dataset:
+    if isinstance(item, Dataset):
+        return item
+    try:
+        ds = dcmread(item)
+    except Exception as exc:  # pydicom raises many types for damaged files
+        raise SeriesError(f"cannot read {item}: {exc}") from exc
+    if "PixelData" not in ds:  # dcmread stops quietly at a cut inside the header
+        raise SeriesError(f"{_name(ds, item)}: no Pixel Data (file truncated or not an image)")
+    return ds
+
+
+def _name(ds: Dataset, item: object) -> str:
+    """Identify an instance without patient data: file name if any, Instance Number and SOP UID."""
+    where = f"{item} " if not isinstance(item, Dataset) else ""
+    return f"instance {where}(#{ds.get('InstanceNumber', '?')}, {ds.get('SOPInstanceUID', '?')})"
+
+
+def _geometry(ds: Dataset, name: str) -> SliceGeometry:
+    try:
+        iop = tuple(float(v) for v in ds.ImageOrientationPatient)
+        ipp = tuple(float(v) for v in ds.ImagePositionPatient)
+        spacing = tuple(float(v) for v in ds.PixelSpacing)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SeriesError(f"{name}: missing or invalid geometry ({exc})") from exc
+    if len(iop) != 6 or len(ipp) != 3 or len(spacing) != 2 or min(spacing) <= 0:
+        raise SeriesError(f"{name}: malformed Image Orientation/Position (Patient) or Pixel Spacing")
+    normal = np.cross(iop[:3], iop[3:])
+    if not 0.9 < np.linalg.norm(normal) < 1.1:
+        raise SeriesError(f"{name}: Image Orientation (Patient) is not two orthogonal unit vectors")
+    return SliceGeometry(rows, cols, spacing, ipp, iop, float(np.dot(normal / np.linalg.norm(normal), ipp)))
+
+
+def _check_consistent(datasets: list[Dataset], geoms: list[SliceGeometry], items: Sequence) -> tuple:
+    ref_ds, ref = datasets[0], geoms[0]
+    seen: set[str] = set()
+    for ds, g, item in zip(datasets, geoms, items):
+        name = _name(ds, item)
+        if ds.get("SeriesInstanceUID") != ref_ds.get("SeriesInstanceUID"):
+            raise SeriesError(f"{name} belongs to another series")
+        if ds.get("SOPInstanceUID") in seen:
+            raise SeriesError(f"{name} appears twice")
+        seen.add(ds.get("SOPInstanceUID"))
+        if (g.rows, g.cols) != (ref.rows, ref.cols):
+            raise SeriesError(f"{name}: matrix {g.rows}x{g.cols} differs from {ref.rows}x{ref.cols}")
+        if np.max(np.abs(np.subtract(g.orientation, ref.orientation))) > ORIENTATION_TOL:
+            raise SeriesError(f"{name}: Image Orientation (Patient) differs from the first slice")
+        if not np.allclose(g.pixel_spacing, ref.pixel_spacing, rtol=SPACING_RTOL, atol=0):
+            raise SeriesError(f"{name}: Pixel Spacing {g.pixel_spacing} differs from {ref.pixel_spacing}")
+        if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise SeriesError(f"{name}: only single-frame greyscale images are supported")
+    n = np.cross(ref.orientation[:3], ref.orientation[3:])
+    return tuple(float(v) for v in n / np.linalg.norm(n))
+
+
+def _pixels(ds: Dataset, name: str) -> np.ndarray:
+    """Decode and rescale one slice; any decoder failure names the instance."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # truncated or undecodable pixel data, missing plugin
+        ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+        raise SeriesError(f"{name}: cannot decode pixel data ({ts.name if ts else 'unknown transfer syntax'})"
+                          f": {exc}") from exc
+    if arr.shape != (ds.Rows, ds.Columns):
+        raise SeriesError(f"{name}: decoded shape {arr.shape} is not {ds.Rows}x{ds.Columns}")
+    arr = np.asarray(apply_rescale(arr, ds), dtype=np.float32)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        arr = -arr  # brighter = higher signal, as for MONOCHROME2; normalisation is linear
+    return arr

@@ -1,0 +1,70 @@
+"""Prometheus metrics. One registry per node, so tests can run several nodes in one process.
+
+Job-state and delivery gauges are read from the journal at scrape time (state lives in the
+journal, not in counters that a restart would reset).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .journal import Journal
+    from .spool import Spool
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class _JournalCollector:
+    def __init__(self, journal: "Journal", spool: "Spool"):
+        self.journal = journal
+        self.spool = spool
+
+    def collect(self):
+        jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs in the journal by state", labels=["state"])
+        for state, n in self.journal.state_counts().items():
+            jobs.add_metric([state], n)
+        yield jobs
+        pending = GaugeMetricFamily("dicomnode_deliveries", "Deliveries by destination and state",
+                                    labels=["destination", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for d in self.journal.deliveries(states=("pending", "dead_letter")):
+            counts[(d.destination, d.state)] = counts.get((d.destination, d.state), 0) + 1
+        for (dest, state), n in counts.items():
+            pending.add_metric([dest, state], n)
+        yield pending
+        yield GaugeMetricFamily("dicomnode_spool_free_bytes", "Free bytes on the spool's file system",
+                                value=self.spool.free_mb() * 2**20)
+
+
+class Metrics:
+    def __init__(self, journal: "Journal | None" = None, spool: "Spool | None" = None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.instances = Counter("dicomnode_instances_received", "C-STORE requests by result", ["result"], registry=r)
+        self.store_seconds = Histogram("dicomnode_store_seconds", "Time to store one instance durably",
+                                       registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.associations_rejected = Counter("dicomnode_associations_rejected", "Associations rejected", registry=r)
+        self.series_completed = Counter("dicomnode_series_completed", "Series completed, by how", ["how"], registry=r)
+        self.series_selected = Counter("dicomnode_series_selected", "Series selection outcome", ["matched"], registry=r)
+        self.jobs_finished = Counter("dicomnode_jobs_finished", "Jobs that reached a terminal state", ["state"],
+                                     registry=r)
+        self.stage_seconds = Histogram("dicomnode_stage_seconds", "Time per pipeline stage", ["stage"], registry=r,
+                                       buckets=STAGE_BUCKETS)
+        self.deliveries = Counter("dicomnode_delivery_attempts", "Delivery attempts", ["destination", "result"],
+                                  registry=r)
+        self.up = Gauge("dicomnode_up", "1 while the node is serving", registry=r)
+        if journal is not None and spool is not None:
+            r.register(_JournalCollector(journal, spool))
+
+    def observe_store(self, status: int, seconds: float) -> None:
+        result = "success" if status == 0 else f"0x{status:04X}"
+        self.instances.labels(result).inc()
+        self.store_seconds.observe(seconds)
+
+    def serve(self, host: str, port: int):
+        """Expose /metrics over HTTP; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

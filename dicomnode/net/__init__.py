@@ -1,0 +1,1 @@
+"""DICOM networking: the SCP that receives and the SCU that echoes and sends."""

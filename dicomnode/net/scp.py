@@ -1,0 +1,194 @@
+"""The receiving side: a pynetdicom AE answering C-ECHO and C-STORE.
+
+The C-STORE handler is deliberately thin: it validates the UIDs, writes the received bytes
+durably to the spool, records the instance in the journal and returns. No pixel decoding,
+no rules, no inference happen on the association thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import time
+from typing import Callable
+
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from ..config import Config
+from ..journal import Instance, Journal
+from ..spool import InvalidUID, Spool, check_uid, part10_chunks, write_atomic
+
+log = logging.getLogger("dicomnode.scp")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000  # bad or unsafe UIDs, undecodable header
+STATUS_PROCESSING_FAILURE = 0xC001  # unexpected failure, logged with its reason
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _position_key(ds) -> str | None:
+    ipp = ds.get("ImagePositionPatient")
+    if not ipp or len(ipp) != 3:
+        return None
+    try:
+        return "\\".join(f"{float(v):.2f}" for v in ipp)
+    except (TypeError, ValueError):
+        return None
+
+
+class StoreSCP:
+    """Owns the listening AE; `on_stored` is called (after success) to wake the assembler."""
+
+    def __init__(self, cfg: Config, spool: Spool, journal: Journal, metrics=None,
+                 on_stored: Callable[[int | None], None] | None = None):
+        self.cfg = cfg
+        self.spool = spool
+        self.journal = journal
+        self.metrics = metrics
+        self.on_stored = on_stored
+        self._server = None
+        self._allowed_nets = [ipaddress.ip_network(h, strict=False) for h in cfg.node.allowed_hosts]
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.cfg.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        ae.maximum_pdu_size = node.max_pdu
+        ae.require_called_aet = node.require_called_aet
+        ae.require_calling_aet = list(node.allowed_calling_aets)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        node = self.cfg.node
+        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                            ssl_context=self._ssl_context())
+        log.info("listening as %s on %s:%s%s", node.ae_title, node.host, self.port,
+                 " (TLS)" if self.cfg.tls.enabled else "")
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.cfg.node.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.cfg.tls
+        if not tls.enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+        if tls.ca_file:
+            ctx.load_verify_locations(cafile=str(tls.ca_file))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _on_requested(self, event) -> None:
+        """Reject callers from hosts outside the allowlist with A-ASSOCIATE-RJ (permanent)."""
+        if not self._allowed_nets:
+            return
+        address = event.assoc.requestor.address
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        if ip is None or not any(ip in net for net in self._allowed_nets):
+            log.warning("rejecting association from host %s: not in allowed_hosts", address)
+            # rejected-permanent, service-user, no-reason-given
+            event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+
+    def _on_rejected(self, event) -> None:
+        assoc = event.assoc
+        log.warning("association rejected: calling AE %r from %s", assoc.requestor.ae_title, assoc.requestor.address)
+        if self.metrics:
+            self.metrics.associations_rejected.inc()
+
+    def _on_echo(self, event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event) -> int:
+        started = time.perf_counter()
+        status = self._store(event)
+        if self.metrics:
+            self.metrics.observe_store(status, time.perf_counter() - started)
+        return status
+
+    def _store(self, event) -> int:
+        req = event.request
+        calling = event.assoc.requestor.ae_title
+        try:
+            sop_uid = check_uid(req.AffectedSOPInstanceUID, "Affected SOP Instance UID")
+            sop_class = check_uid(req.AffectedSOPClassUID, "Affected SOP Class UID")
+            ds = event.dataset
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+            ds_sop = str(ds.get("SOPInstanceUID", "")).strip()
+            if ds_sop and ds_sop != sop_uid:
+                raise InvalidUID("SOP Instance UID in the data set differs from the C-STORE request")
+            meta = event.file_meta
+            record = dict(
+                images_in_acquisition=_int_or_none(ds.get("ImagesInAcquisition")),
+                number_of_frames=_int_or_none(ds.get("NumberOfFrames")),
+                position=_position_key(ds),
+            )
+        except InvalidUID as exc:
+            log.warning("C-STORE from %r refused (0x%04X): %s", calling, STATUS_CANNOT_UNDERSTAND, exc)
+            return STATUS_CANNOT_UNDERSTAND
+        except Exception as exc:  # an undecodable header: tell the sender, keep serving
+            log.warning("C-STORE from %r refused (0x%04X): cannot read data set: %s", calling,
+                        STATUS_CANNOT_UNDERSTAND, exc)
+            return STATUS_CANNOT_UNDERSTAND
+
+        free = self.spool.free_mb()
+        if free < self.cfg.node.min_free_disk_mb:
+            log.error("C-STORE refused (0xA700): %.0f MB free is under the %d MB watermark", free,
+                      self.cfg.node.min_free_disk_mb)
+            return STATUS_OUT_OF_RESOURCES
+        path = self.spool.instance_path(study_uid, series_uid, sop_uid)
+        try:
+            size = write_atomic(path, part10_chunks(meta, req.DataSet.getvalue()))
+        except OSError as exc:
+            log.error("C-STORE refused (0xA700): cannot write instance to the spool: %s", exc)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            job_id, _new = self.journal.record_instance(
+                Instance(sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
+                         sop_class_uid=sop_class, transfer_syntax=str(UID(meta.TransferSyntaxUID)), path=str(path),
+                         size=size, calling_aet=calling, received_at=time.time(), **record),
+                late_policy=self.cfg.series.late_instance_policy,
+            )
+        except Exception as exc:
+            log.error("C-STORE refused (0x%04X): journal write failed: %s", STATUS_PROCESSING_FAILURE, exc)
+            return STATUS_PROCESSING_FAILURE
+        if self.on_stored is not None:
+            self.on_stored(job_id)
+        return STATUS_SUCCESS
+

@@ -1,0 +1,11 @@
+"""Synthetic paired data: sagittal T2FS spine MR, matching FDG PET, and PET/T2FS fusion SC series.
+
+No patient data can be used here, so the demo, the tests and the shipped model's training all
+draw on this phantom (docs/phantom.md).
+"""
+
+from .fusion import OPACITY, SUV_WINDOW, hot_colormap, render_fusion
+from .generate import CaseSpec, generate, plan_cases, simulate, write_case
+
+__all__ = ["render_fusion", "hot_colormap", "SUV_WINDOW", "OPACITY", "generate", "plan_cases", "simulate",
+           "write_case", "CaseSpec"]

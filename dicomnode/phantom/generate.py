@@ -1,0 +1,320 @@
+"""Plan and write phantom cases: patients with one or more PET/MR studies of the spine.
+
+Everything derives from the seed: the same seed gives byte-identical files (UIDs included), and
+the number of worker processes does not change the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from .anatomy import Anatomy, Lesion, paint_case
+from .fusion import render_fusion
+from .grid import SliceGrid
+from .uptake import mr_acquire, pet_acquire, suv_scale_bqml
+from .writers import VENDORS, series_description, uid, write_fusion, write_mr, write_pet
+
+log = logging.getLogger(__name__)
+
+STUDIES_PER_PATIENT = 172 / 94  # Jung et al.: 94 patients, 172 examinations
+_SURNAMES = ["Meier", "Schmidt", "Fischer", "Weber", "Wagner", "Becker", "Hoffmann", "Schulz", "Koch", "Richter",
+             "Klein", "Wolf", "Neumann", "Schwarz", "Zimmermann", "Braun", "Hartmann", "Lange", "Krause", "Werner"]
+_LATIN1_SURNAMES = ["Müller", "Schäfer", "Böhm", "Jäger", "Günther", "Köhler"]
+_GIVEN = {"M": ["Hans", "Peter", "Klaus", "Juergen", "Michael", "Thomas", "Stefan", "Andreas", "Rolf", "Dieter"],
+          "F": ["Anna", "Maria", "Ursula", "Monika", "Petra", "Sabine", "Renate", "Karin", "Elke", "Birgit"]}
+
+
+@dataclass
+class CaseSpec:
+    """Everything needed to render and write one study (JSON-serialisable)."""
+
+    case_id: str
+    seed: int
+    case_index: int
+    patient_index: int
+    patient_seed: int
+    patient_id: str
+    patient_name: str
+    charset: str | None
+    sex: str
+    birth_date: str
+    weight: float
+    height: float
+    study_date: str
+    vendor: str
+    weighting: str
+    orientation: str
+    rows: int
+    cols: int
+    slices: int
+    fov_mm: float
+    lesion: bool
+    variant: int
+
+
+def _matrix(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int]:
+    standard = [m for m in (256, 320, 384, 448, 512) if lo <= m <= hi]
+    sizes = standard or list(range(lo - lo % 16 + (16 if lo % 16 else 0), hi + 1, 16)) or [lo]
+    rows = int(rng.choice(sizes))
+    cols = rows
+    if rng.random() < 0.25:  # rectangular field of view: fewer columns (AP) than rows (HF)
+        c = int(round(rows * rng.choice([0.75, 0.8125, 0.875]) / 16) * 16)
+        if c >= lo:
+            cols = c
+    return rows, cols
+
+
+def plan_cases(n: int, seed: int, lesion_fraction: float = 0.5, min_matrix: int = 256, max_matrix: int = 512,
+               min_slices: int = 12, max_slices: int = 20) -> list[CaseSpec]:
+    """Assign n studies to patients (about 94 patients per 172 studies), vendors, matrices, and
+    lesions: exactly round(n * lesion_fraction) studies carry a lesion."""
+    if n < 1:
+        raise ValueError("need at least one case")
+    if not 0.0 <= lesion_fraction <= 1.0:
+        raise ValueError("lesion fraction must lie in [0, 1]")
+    if min_matrix > max_matrix or min_slices > max_slices:
+        raise ValueError("min must not exceed max")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA5E]))
+    n_patients = max(1, min(n, int(round(n / STUDIES_PER_PATIENT))))
+    studies = np.ones(n_patients, int)
+    for _ in range(n - n_patients):  # follow-up studies, at most 4 per patient while possible
+        open_ = np.flatnonzero(studies < 4)
+        studies[rng.choice(open_ if len(open_) else np.arange(n_patients))] += 1
+    lesions = set(rng.permutation(n)[: int(round(n * lesion_fraction))].tolist())
+    specs: list[CaseSpec] = []
+    for p in range(n_patients):
+        sex = str(rng.choice(["M", "F"]))
+        latin1 = rng.random() < 0.15
+        surname = str(rng.choice(_LATIN1_SURNAMES if latin1 else _SURNAMES))
+        name = f"{surname}^{rng.choice(_GIVEN[sex])}"
+        born = date(1935, 1, 1) + timedelta(days=int(rng.integers(0, 365 * 50)))
+        vendor = str(rng.choice(sorted(VENDORS)))
+        variant = int(rng.integers(0, 2))
+        weight = float(rng.normal(78 if sex == "M" else 66, 12))
+        height = float(rng.normal(1.76 if sex == "M" else 1.64, 0.07))
+        patient_seed = int(rng.integers(2**31))
+        first = date(2017, 1, 1) + timedelta(days=int(rng.integers(0, 365 * 6)))
+        for st in range(int(studies[p])):
+            i = len(specs)
+            day = first + timedelta(days=int(st * rng.integers(21, 120)))
+            rows, cols = _matrix(rng, min_matrix, max_matrix)
+            specs.append(CaseSpec(
+                case_id=f"case{i:04d}", seed=seed, case_index=i, patient_index=p, patient_seed=patient_seed,
+                patient_id=f"PHS{seed}P{p:04d}", patient_name=name, charset="ISO_IR 100" if latin1 else None,
+                sex=sex, birth_date=born.strftime("%Y%m%d"), weight=round(max(weight + rng.normal(0, 2), 40), 1),
+                height=round(height, 2), study_date=day.strftime("%Y%m%d"), vendor=vendor, weighting="T2FS",
+                orientation="sagittal", rows=rows, cols=cols,
+                slices=int(rng.integers(min_slices, max_slices + 1)), fov_mm=float(rng.uniform(300, 380)),
+                lesion=i in lesions, variant=variant))
+    return specs
+
+
+@dataclass
+class Simulated:
+    grid: SliceGrid
+    mr: np.ndarray  # uint16 stored values
+    suv: np.ndarray  # measured SUV (float32)
+    suv_true: np.ndarray
+    lesion_mask: np.ndarray
+    meta: dict
+
+
+def simulate(spec: CaseSpec) -> Simulated:
+    """Render one study's MR and PET volumes (no files)."""
+    anat = Anatomy.sample(np.random.default_rng(spec.patient_seed))
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.case_index, 0x5EED]))
+    lesion = Lesion.sample(rng) if spec.lesion else None
+    modic = bool(rng.random() < 0.2)
+    thick_lo, thick_hi = VENDORS[spec.vendor]["thickness"]
+    thickness = float(rng.choice([thick_lo, thick_hi]))
+    spacing = round(thickness * float(rng.choice([1.0, 1.1, 1.2])), 2)
+    pix = spec.fov_mm / spec.rows
+    level = str(rng.choice(["T11", "T12", "L1", "L2"]))
+    if spec.orientation == "axial":
+        zc = anat.disc_s(anat.lesion_disc) if lesion else anat.level_s("L3")
+        centre = (float(anat.centre_x(zc)), float(anat.centre_y(zc)) - 40.0, zc)
+        pix = 280.0 / max(spec.rows, spec.cols)
+    else:
+        zc = anat.level_s(level) + float(rng.uniform(-20, 20))
+        if lesion is not None:  # keep the diseased disc inside the field of view
+            half = spec.fov_mm / 2 - 35.0
+            zl = anat.disc_s(anat.lesion_disc)
+            zc = float(np.clip(zc, zl - half, zl + half))
+        yc = float(anat.centre_y(zc))
+        y = yc - float(rng.uniform(12, 35)) if spec.orientation == "sagittal" else yc - 15.0
+        centre = (float(anat.centre_x(zc)) + float(rng.uniform(-3, 3)), y, zc)
+    grid = SliceGrid(spec.orientation, spec.slices, spec.rows, spec.cols, round(pix, 6), round(pix, 6),
+                     thickness, spacing, centre)
+    painted = paint_case(anat, grid, spec.weighting, lesion, modic, rng)
+    fwhm, noise = float(rng.uniform(4.0, 6.0)), float(rng.uniform(0.10, 0.22))
+    suv = pet_acquire(painted.suv, grid, fwhm, noise, rng)
+    gain, mr_noise = float(rng.uniform(800, 1700)), float(rng.uniform(0.015, 0.035))
+    mr = mr_acquire(painted.mr, grid, gain, mr_noise, rng)
+    meta = dict(painted.meta, pet_fwhm_mm=round(fwhm, 2), modic=modic,
+                uptake_true=round(lesion.suv_peak, 3) if lesion else None)
+    return Simulated(grid, mr, suv, painted.suv, painted.lesion_mask, meta)
+
+
+def _case_header(spec: CaseSpec, grid: SliceGrid) -> dict:
+    """UIDs, times and dose: the per-case values the writers need."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.case_index, 0x4EAD]))
+    key = (spec.seed, spec.case_index)
+    hh, mm = int(rng.integers(7, 16)), int(rng.integers(0, 60))
+    study_time = f"{hh:02d}{mm:02d}{int(rng.integers(0, 60)):02d}"
+    series_time = f"{hh:02d}{min(mm + 20, 59):02d}10"
+    uptake_s = int(rng.integers(55 * 60, 75 * 60))
+    inj = hh * 3600 + min(mm + 20, 59) * 60 + 10 - uptake_s
+    dose = float(spec.weight * rng.uniform(2.5, 3.5) * 1e6)
+    birth = date(int(spec.birth_date[:4]), int(spec.birth_date[4:6]), int(spec.birth_date[6:]))
+    study = date(int(spec.study_date[:4]), int(spec.study_date[4:6]), int(spec.study_date[6:]))
+    age = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+    n = spec.slices
+    desc = series_description(spec.vendor, spec.weighting, spec.orientation, spec.variant)
+    plane = {"sagittal": ("sag", "Sag"), "axial": ("tra", "Ax"), "coronal": ("cor", "Cor")}[spec.orientation]
+    v = VENDORS[spec.vendor]
+    mr_no = int(rng.integers(3, 9))
+    return dict(
+        vendor=spec.vendor, weighting=spec.weighting, charset=spec.charset, patient_name=spec.patient_name,
+        patient_id=spec.patient_id, birth_date=spec.birth_date, sex=spec.sex, age=f"{age:03d}Y",
+        weight=spec.weight, height=spec.height, study_date=spec.study_date, study_time=study_time,
+        series_time=series_time, accession=f"A{spec.seed % 1000:03d}{spec.case_index:06d}",
+        study_id=str(1 + spec.case_index % 9999), referring="Ortho^Clinic",
+        study_uid=uid(*key, "study"), frame_uid=uid(*key, "frame"),
+        mr_series_uid=uid(*key, "mr"), pet_series_uid=uid(*key, "pet"), fusion_series_uid=uid(*key, "fusion"),
+        mr_sop_uids=[uid(*key, "mr", k) for k in range(n)], pet_sop_uids=[uid(*key, "pet", k) for k in range(n)],
+        fusion_sop_uids=[uid(*key, "fusion", k) for k in range(n)],
+        mr_series_number=mr_no, pet_series_number=100 + mr_no, fusion_series_number=9000 + mr_no,
+        series_description=desc, pet_description=v["pet_desc"].format(p=plane[0], P=plane[1]),
+        fusion_description=v["fusion_desc"].format(d=desc, P=plane[1]),
+        injection_time=f"{int(inj // 3600):02d}{int(inj % 3600 // 60):02d}{int(inj % 60):02d}",
+        dose_bq=dose, bqml_per_suv=suv_scale_bqml(spec.weight, dose, uptake_s))
+
+
+def uptake_group(suv_max: float | None) -> str | None:
+    """Uptake strata for evaluation: low < 4 <= moderate < 8 <= high (lesion SUVmax)."""
+    if suv_max is None:
+        return None
+    return "low" if suv_max < 4 else ("moderate" if suv_max < 8 else "high")
+
+
+def write_spec(spec: CaseSpec, out_dir: Path, with_thumb: bool = False) -> dict:
+    """Simulate and write one case under out_dir/<case_id>/{MR,PET,FUSION}; return its record."""
+    sim = simulate(spec)
+    head = _case_header(spec, sim.grid)
+    case_dir = Path(out_dir) / spec.case_id
+    lo, hi = (float(v) for v in np.percentile(sim.mr, [0.5, 99.5]))
+    window = (float(round((lo + hi) / 2)), float(max(round(hi - lo), 1)))  # as written to the header
+    mr_paths = write_mr(head, sim.grid, sim.mr, case_dir / "MR", window)
+    pet_paths, stored_suv = write_pet(head, sim.grid, sim.suv, case_dir / "PET")
+    rgb = np.stack([render_fusion(sim.mr[k], stored_suv[k], t2_window=window) for k in range(spec.slices)])
+    fusion_paths = write_fusion(head, sim.grid, rgb, case_dir / "FUSION")
+    suv_max = float(stored_suv[sim.lesion_mask].max()) if spec.lesion and sim.lesion_mask.any() else None
+    record = {
+        "case_id": spec.case_id, "patient_id": spec.patient_id, "study_uid": head["study_uid"],
+        "study_date": spec.study_date, "lesion": spec.lesion, "lesion_level": sim.meta.get("lesion_level"),
+        "suv_max": round(suv_max, 3) if suv_max is not None else None, "uptake_group": uptake_group(suv_max),
+        "uptake_true": sim.meta["uptake_true"], "modic": sim.meta["modic"], "vendor": spec.vendor,
+        "series_description": head["series_description"], "weighting": spec.weighting,
+        "orientation": spec.orientation, "rows": spec.rows, "cols": spec.cols, "slices": spec.slices,
+        "pixel_spacing_mm": sim.grid.row_spacing, "slice_spacing_mm": sim.grid.slice_spacing,
+        "pet_fwhm_mm": sim.meta["pet_fwhm_mm"], "mr_series_uid": head["mr_series_uid"],
+        "pet_series_uid": head["pet_series_uid"], "fusion_series_uid": head["fusion_series_uid"],
+        "mr": [str(p) for p in mr_paths], "pet": [str(p) for p in pet_paths],
+        "fusion": [str(p) for p in fusion_paths],
+    }
+    if with_thumb:
+        k = spec.slices // 2
+        grey = np.repeat((np.clip((sim.mr[k] - (window[0] - window[1] / 2)) / window[1], 0, 1) * 255)
+                         .astype(np.uint8)[..., None], 3, axis=-1)
+        record["_thumb"] = np.concatenate([grey, rgb[k]], axis=1)
+    return record
+
+
+def _write_spec_star(args) -> dict:
+    return write_spec(*args)
+
+
+def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: float = 0.5, min_matrix: int = 256,
+             max_matrix: int = 512, min_slices: int = 12, max_slices: int = 20, preview: bool = False,
+             jobs: int = 1) -> list[dict]:
+    """Write `cases` studies and OUT_DIR/cases.json (plus OUT_DIR/preview.png with preview)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan_cases(cases, seed, lesion_fraction, min_matrix, max_matrix, min_slices, max_slices)
+    thumbs = set(range(min(len(specs), 8))) if preview else set()
+    args = [(s, out, s.case_index in thumbs) for s in specs]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            records = list(pool.map(_write_spec_star, args, chunksize=1))
+    else:
+        records = [write_spec(*a) for a in args]
+    pics = [r.pop("_thumb") for r in records if "_thumb" in r]
+    for r in records:
+        for key in ("mr", "pet", "fusion"):
+            r[key] = [str(Path(p).relative_to(out)) for p in r[key]]
+    (out / "cases.json").write_text(json.dumps({"seed": seed, "lesion_fraction": lesion_fraction,
+                                                "cases": records}, indent=1))
+    if preview and pics:
+        contact_sheet(pics, out / "preview.png")
+    log.info("wrote %d phantom cases (%d patients)", len(records), len({r["patient_id"] for r in records}))
+    return records
+
+
+def contact_sheet(pics: list[np.ndarray], path: Path, tile: int = 256, per_row: int = 2) -> None:
+    """Tile (MR | fusion) mid-slice pairs into one PNG."""
+    from PIL import Image
+
+    tiles = []
+    for p in pics:
+        im = Image.fromarray(p)
+        scale = tile / max(im.height, im.width / 2)
+        tiles.append(np.asarray(im.resize((int(im.width * scale), int(im.height * scale)), Image.Resampling.BILINEAR)))
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    rows = (len(tiles) + per_row - 1) // per_row
+    sheet = np.zeros((rows * (h + 4), per_row * (w + 4), 3), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, per_row)
+        sheet[r * (h + 4):r * (h + 4) + t.shape[0], c * (w + 4):c * (w + 4) + t.shape[1]] = t
+    Image.fromarray(sheet).save(path)
+
+
+def write_case(out_dir: str | Path, seed: int, *, vendor: str | None = None, rows: int | None = None,
+               cols: int | None = None, slices: int | None = None, lesion: bool | None = None,
+               patient_name: str | None = None, specific_character_set: str | None = None,
+               orientation: str = "sagittal", weighting: str = "T2FS") -> dict:
+    """One study with chosen properties, for tests of the node and engine.
+
+    Writes out_dir/<case_id>/{MR,PET,FUSION}/NNN.dcm and returns the case record (absolute paths
+    in "mr", "pet", "fusion"). A non-ASCII name without a character set gets ISO_IR 192.
+    """
+    spec = plan_cases(1, seed, lesion_fraction=0.5)[0]
+    if vendor is not None:
+        if vendor.lower() not in VENDORS:
+            raise ValueError(f"vendor must be one of {sorted(VENDORS)}")
+        spec.vendor = vendor.lower()
+    if orientation not in ("sagittal", "axial", "coronal"):
+        raise ValueError("orientation must be sagittal, axial or coronal")
+    if weighting not in ("T2FS", "T1", "STIR"):
+        raise ValueError("weighting must be T2FS, T1 or STIR")
+    spec.rows = rows or spec.rows
+    spec.cols = cols or (rows if rows and not cols else spec.cols)
+    spec.slices = slices or spec.slices
+    if lesion is not None:
+        spec.lesion = bool(lesion)
+    if patient_name is not None:
+        spec.patient_name = patient_name
+        spec.charset = specific_character_set or (None if patient_name.isascii() else "ISO_IR 192")
+    elif specific_character_set is not None:
+        spec.charset = specific_character_set
+    spec.orientation, spec.weighting = orientation, weighting
+    record = write_spec(spec, Path(out_dir).resolve())
+    record["spec"] = asdict(spec)
+    return record

@@ -1,0 +1,48 @@
+"""Retention: remove the files of finished series after `[retention] keep_hours`.
+
+Only jobs that are done, ignored or failed are eligible, and a series' received files are kept
+while any job of that series is still active; undelivered results (sending, dead letter) are
+never removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .config import RetentionConfig
+from .journal import Journal
+from .spool import Spool
+
+log = logging.getLogger("dicomnode.retention")
+
+
+def sweep(cfg: RetentionConfig, journal: Journal, spool: Spool, now: float | None = None) -> int:
+    """Remove expired files; return the number of jobs whose files were removed."""
+    cutoff = (time.time() if now is None else now) - cfg.keep_hours * 3600
+    removed = 0
+    for job in journal.iter_jobs_for_retention(cutoff):
+        if job.output_dir:
+            spool.remove_tree(Path(job.output_dir))
+        if not journal.series_has_active_job(job.series_uid):
+            spool.remove_tree(spool.series_dir(job.study_uid, job.series_uid))
+            journal.forget_series_instances(job.series_uid)
+        journal.mark_purged(job.id)
+        removed += 1
+    if removed:
+        log.info("retention: removed the files of %d finished job(s)", removed)
+    return removed
+
+
+def start_scheduler(cfg: RetentionConfig, journal: Journal, spool: Spool):
+    """An apscheduler background job that sweeps every `check_interval_minutes`."""
+    from datetime import datetime
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    scheduler = BackgroundScheduler(daemon=True)
+    scheduler.add_job(sweep, "interval", args=(cfg, journal, spool), minutes=cfg.check_interval_minutes,
+                      id="retention", max_instances=1, coalesce=True, next_run_time=datetime.now())
+    scheduler.start()
+    return scheduler

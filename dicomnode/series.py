@@ -1,0 +1,46 @@
+"""Series assembly: decide when a series is complete.
+
+A series is complete when it has been quiet for `[series] quiet_seconds`, or earlier,
+`settle_seconds` (<= 1 s) after its last instance, when it declares its size and all of it is
+here (see Journal.declared_size_met). Deadlines are computed from times stored in the journal,
+so after a restart pending series resume and complete on the same schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .config import SeriesConfig
+from .journal import Journal
+
+log = logging.getLogger("dicomnode.series")
+
+
+class Assembler:
+    def __init__(self, cfg: SeriesConfig, journal: Journal, metrics=None):
+        self.cfg = cfg
+        self.journal = journal
+        self.metrics = metrics
+
+    def due(self, now: float | None = None) -> list[tuple[int, str]]:
+        """Jobs whose series is complete now, with how ('declared' or 'quiet')."""
+        now = time.time() if now is None else now
+        out = []
+        for job in self.journal.jobs(["received"]):
+            quiet_for = now - job.last_instance_at
+            if quiet_for >= self.cfg.quiet_seconds:
+                out.append((job.id, "quiet"))
+            elif quiet_for >= self.cfg.settle_seconds and self.journal.declared_size_met(job.series_uid):
+                out.append((job.id, "declared"))
+        return out
+
+    def complete_due(self, now: float | None = None) -> list[int]:
+        done = []
+        for job_id, how in self.due(now):
+            self.journal.transition(job_id, "complete", expect="received", completed_at=time.time(), completion=how)
+            log.info("job %d: series complete (%s)", job_id, how)
+            if self.metrics:
+                self.metrics.series_completed.labels(how).inc()
+            done.append(job_id)
+        return done

@@ -1,0 +1,42 @@
+"""Shared fixtures: DCMTK binaries, free ports, a node on loopback with a test-double processor."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK tool (pynetdicom installs same-named scripts that shadow DCMTK on PATH)."""
+    for d in DCMTK_DIRS:
+        p = Path(d) / tool
+        if p.exists():
+            return str(p)
+    pytest.skip(f"DCMTK {tool} not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def run(cmd: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

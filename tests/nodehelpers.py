@@ -1,0 +1,38 @@
+"""Helpers to build configs and nodes for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dicomnode.config import config_from_dict
+
+
+def make_config(tmp_path: Path, port: int, **sections):
+    raw = {
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "storage_dir": str(tmp_path / "store"),
+                 "min_free_disk_mb": 1},
+        "series": {"quiet_seconds": 3.0},
+        "metrics": {"enabled": False},
+        "dispatch": {"backoff_initial_seconds": 0.3, "backoff_max_seconds": 1.0, "give_up_after_seconds": 60.0,
+                     "timeout_seconds": 10.0},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(name, {}).update(values)
+        else:
+            raw[name] = values
+    return config_from_dict(raw)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file, without preamble and file meta information."""
+    data = Path(path).read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not Part 10"
+    meta_len = int.from_bytes(data[140:144], "little")  # (0002,0000) UL value
+    return data[144 + meta_len:]
+
+
+def sop_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)

@@ -1,0 +1,1 @@
+"""Training and evaluation pipeline (imports dicomnode; dicomnode never imports training)."""

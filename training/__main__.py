@@ -1,0 +1,31 @@
+"""`python -m training <command> ...`: one module per command, each exposing main(argv) -> int.
+
+Adding a command is one line in COMMANDS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build-dataset": ("training.data", "pair an export into the paired data set (manifest, arrays, pairs.csv)"),
+    "pix2pix": ("training.pix2pix", "train the Pix2Pix generator (LSGAN + L1, PatchGAN)"),
+    "cddpm": ("training.cddpm", "train the cDDPM refiner and export the model directory"),
+    "evaluate": ("training.evaluate", "PSNR/SSIM/MAE/MSE, uptake tertiles, ablation, comparison figure"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m training <command> [options]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<16} {text}")
+        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

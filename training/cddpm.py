@@ -1,0 +1,186 @@
+"""cDDPM training: a diffusion U-Net that refines the Pix2Pix output, conditioned by channel
+concatenation of the T2FS slice and the (frozen) Pix2Pix prediction, as in Jung et al. Trained on
+random crops (the network is fully convolutional), EMA weights are the ones exported.
+
+    python -m training cddpm --data DATA_DIR --pix2pix runs/p2p/checkpoint.pt --out runs/ddpm
+
+Writes OUT/checkpoint.pt (resumable), OUT/log.csv, OUT/loss.png, OUT/samples_STEP.png
+(MR | real | Pix2Pix | cDDPM fast sampler) and, at the end, the model directory OUT/model
+(model.json + safetensors), ready for `python -m training evaluate --model OUT/model`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from dicomnode.engine.diffusion import EMA, Diffusion
+from dicomnode.engine.model import save_model
+from dicomnode.engine.nets import build_denoiser
+from training import plots
+from training.pix2pix import _preview_split, load_generator
+from training.trainutil import (CsvLog, autocast, batches, load_split, progress, resolve_device, save_checkpoint,
+                                seed_all)
+
+FIELDS = ["step", "epoch", "lr", "loss", "loss_ema", "seconds"]
+
+
+@torch.no_grad()
+def pix2pix_outputs(G, mr: torch.Tensor, dev, batch_size: int = 8) -> torch.Tensor:
+    """The frozen generator's predictions for every slice (the cDDPM's second condition)."""
+    outs = [G(mr[i:i + batch_size].to(dev).contiguous(memory_format=torch.channels_last)).float().cpu()
+            for i in range(0, len(mr), batch_size)]
+    return torch.cat(outs).clamp(-1, 1)
+
+
+def random_crops(tensors: list[torch.Tensor], size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """The same random size x size window from each tensor, independently per sample."""
+    n, _, h, w = tensors[0].shape
+    if size >= h and size >= w:
+        return tensors
+    ys = torch.randint(0, h - size + 1, (n,), generator=gen).tolist()
+    xs = torch.randint(0, w - size + 1, (n,), generator=gen).tolist()
+    return [torch.stack([t[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))]) for t in tensors]
+
+
+def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str = "small", steps: int = 4000,
+          batch_size: int = 8, crop: int = 128, lr: float = 2e-4, ema_decay: float = 0.999,
+          schedule: str = "cosine", prediction: str = "v", timesteps: int = 1000, seed: int = 0,
+          device: str = "auto", amp: bool = True, resume: bool = False, threads: int | None = None,
+          log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250, limit: int | None = None,
+          sample_steps: int = 8, sample_strength: float = 0.5, quiet: bool = False, stop_after: int | None = None,
+          name: str = "t2fs2petfusion", version: str | None = None) -> dict:
+    """Train (or resume) the cDDPM and export OUT/model; returns a summary."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_all(seed)
+    dev = resolve_device(device)
+    G, p2p_preset, p2p_state = load_generator(pix2pix, dev)
+    train_set = load_split(data, "train", limit)
+    preview = _preview_split(data)
+    cond_p2p = pix2pix_outputs(G, train_set.mr, dev)
+    preview_p2p = pix2pix_outputs(G, preview.mr, dev)
+    diffusion = Diffusion(schedule, timesteps, prediction)
+    net = build_denoiser(preset).to(dev, memory_format=torch.channels_last)
+    ema = EMA(net, ema_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    warmup = lambda s: min(1.0, (s + 1) / 100)  # noqa: E731  short warm-up; Adam is jumpy at the start
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
+    step, ckpt = 0, out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        net.load_state_dict(state["net"]), ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"]), scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+    log = CsvLog(out / "log.csv", FIELDS, resume_step=step if resume else None)
+    per_epoch = max(1, len(train_set) // batch_size)
+    it = batches(len(train_set), batch_size, torch.Generator().manual_seed(seed))
+    for _ in range(step):
+        next(it)
+    net.train()
+    t0, loss_ema, loss_v = time.time(), None, float("nan")
+    with progress(disable=quiet) as bar:
+        task = bar.add_task("cddpm", total=steps, completed=step, info="")
+        end = min(steps, stop_after) if stop_after else steps  # stop_after: time-boxed chunk, resume later
+        while step < end:
+            idx = next(it)
+            # crops, timesteps and noise come from a per-step seed, so a resumed run replays them exactly
+            step_gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            fusion, mr, p2p = random_crops([train_set.fusion[idx], train_set.mr[idx], cond_p2p[idx]], crop, step_gen)
+            x0 = fusion.to(dev).contiguous(memory_format=torch.channels_last)
+            cond = torch.cat([mr, p2p], 1).to(dev).contiguous(memory_format=torch.channels_last)
+            with autocast(dev, amp):
+                loss = diffusion.loss(net, x0, cond, generator=step_gen)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            ema.update(net)
+            step += 1
+            loss_v = loss.item()
+            loss_ema = loss_v if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_v
+            if step % log_every == 0 or step == end:
+                log.write(step=step, epoch=round(step / per_epoch, 3), lr=sched.get_last_lr()[0], loss=loss_v,
+                          loss_ema=loss_ema, seconds=round(time.time() - t0, 1))
+            bar.update(task, completed=step, info=f"loss {loss_ema:.4f}")
+            if step % ckpt_every == 0 or step == end:
+                save_checkpoint(ckpt, {"step": step, "preset": preset, "net": net.state_dict(), "ema": ema.state_dict(),
+                                       "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                       "scaler": scaler.state_dict(), "diffusion": diffusion.config(), "seed": seed})
+            if step % sample_every == 0 or step == steps:
+                sample_grid(ema.model, diffusion, preview, preview_p2p, out / f"samples_{step:06d}.png", dev,
+                            sample_steps, sample_strength)
+    plots.loss_curves(out / "log.csv", out / "loss.png", ["loss"], title=f"cDDPM {prediction}-prediction loss")
+    manifest = train_set.manifest
+    card = save_model(out / "model", G.cpu(), ema.model.cpu(), pix2pix_preset=p2p_preset, cddpm_preset=preset,
+                      diffusion=diffusion, name=name, version=version,
+                      sampler={"sampler": "ddim", "steps": sample_steps, "strength": sample_strength, "samples": 1},
+                      training={
+                          "data": {"format": manifest.get("format"), "source": manifest.get("source"),
+                                   "seed": manifest.get("seed"), "counts": manifest.get("counts"),
+                                   "train_pairs_used": len(train_set), "split": "train"},
+                          "pix2pix": {"checkpoint": str(pix2pix), "steps": p2p_state["step"],
+                                      "batch_size": p2p_state.get("batch_size"), "seed": p2p_state.get("seed"),
+                                      "loss": "LSGAN + 100*L1", "optimizer": "Adam 2e-4 beta1 0.5, linear decay"},
+                          "cddpm": {"steps": step, "batch_size": batch_size, "crop": crop, "lr": lr,
+                                    "ema_decay": ema_decay, "seed": seed, "final_loss_ema": loss_ema},
+                          "device": str(dev)})
+    return {"steps": step, "train_pairs": len(train_set), "loss": loss_v, "loss_ema": loss_ema,
+            "model_dir": str(out / "model"), "version": card["version"]}
+
+
+@torch.no_grad()
+def sample_grid(net, diffusion: Diffusion, split, p2p, path: Path, dev, steps: int, strength: float):
+    was_training = net.training
+    net.eval()
+    cond = torch.cat([split.mr, p2p], 1).to(dev)
+    fake = diffusion.sample(net, cond, sampler="ddim", steps=steps, init=p2p.to(dev), strength=strength, seed=0).cpu()
+    rows = [[m.numpy(), r.numpy(), p.numpy(), f.numpy()] for m, r, p, f in zip(split.mr, split.fusion, p2p, fake)]
+    plots.save_grid(rows, path, ["MR", "real", "pix2pix", "cDDPM"])
+    net.train(was_training)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m training cddpm", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="paired data set directory")
+    ap.add_argument("--pix2pix", required=True, help="Pix2Pix checkpoint.pt (its generator is frozen)")
+    ap.add_argument("--out", required=True, help="run directory; the model directory goes to OUT/model")
+    ap.add_argument("--preset", default="small", help="denoiser preset: base, small (shipped), tiny")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128, help="random crop size (the net is fully convolutional)")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--schedule", default="cosine", choices=["cosine", "linear"])
+    ap.add_argument("--prediction", default="v", choices=["v", "eps"])
+    ap.add_argument("--timesteps", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stop-after", type=int)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--sample-every", type=int, default=500)
+    ap.add_argument("--sample-steps", type=int, default=8, help="fast-sampler steps written to the card")
+    ap.add_argument("--sample-strength", type=float, default=0.5, help="warm-start strength written to the card")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--version", help="model version string for the card")
+    a = ap.parse_args(argv)
+    res = train(a.data, a.pix2pix, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, crop=a.crop,
+                lr=a.lr, ema_decay=a.ema_decay, schedule=a.schedule, prediction=a.prediction,
+                timesteps=a.timesteps, seed=a.seed, device=a.device, amp=not a.no_amp, resume=a.resume,
+                stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
+                sample_steps=a.sample_steps, sample_strength=a.sample_strength, limit=a.limit, version=a.version)
+    print(json.dumps(res))
+    return 0

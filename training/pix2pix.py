@@ -1,0 +1,162 @@
+"""Pix2Pix training: U-Net generator vs 70x70 PatchGAN, LSGAN + 100 * L1 (Isola et al. 2017),
+Adam 2e-4 (beta1 0.5), constant then linearly decaying learning rate, as in the paper's method.
+
+    python -m training pix2pix --data DATA_DIR --out runs/p2p --preset small --steps 3000
+
+Writes OUT/checkpoint.pt (resumable with --resume), OUT/log.csv, OUT/loss.png and
+OUT/samples_STEP.png (MR | real fusion | Pix2Pix on validation slices).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dicomnode.engine.nets import build_discriminator, build_generator, init_weights
+from training import plots
+from training.trainutil import (CsvLog, autocast, batches, linear_decay, load_split, progress, resolve_device,
+                                save_checkpoint, seed_all)
+
+FIELDS = ["step", "epoch", "lr", "loss_d", "loss_g_gan", "loss_l1", "seconds"]
+
+
+def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: int = 3000, batch_size: int = 4,
+          lr: float = 2e-4, beta1: float = 0.5, lambda_l1: float = 100.0, decay_start: float = 0.5,
+          seed: int = 0, device: str = "auto", amp: bool = True, resume: bool = False,
+          threads: int | None = None, log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250,
+          limit: int | None = None, quiet: bool = False, stop_after: int | None = None) -> dict:
+    """Train (or resume) a Pix2Pix generator; returns a summary with the final losses."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_all(seed)
+    dev = resolve_device(device)
+    train_set = load_split(data, "train", limit)
+    val_set = _preview_split(data)
+    G = init_weights(build_generator(preset)).to(dev, memory_format=torch.channels_last)
+    D = init_weights(build_discriminator(preset)).to(dev, memory_format=torch.channels_last)
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, linear_decay(steps, decay_start)) for o in (opt_g, opt_d)]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
+        opt_g.load_state_dict(state["opt_g"]), opt_d.load_state_dict(state["opt_d"])
+        for s, sd in zip(sched, state["sched"]):
+            s.load_state_dict(sd)
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+    log = CsvLog(out / "log.csv", FIELDS, resume_step=step if resume else None)
+    per_epoch = max(1, len(train_set) // batch_size)
+    it = batches(len(train_set), batch_size, gen)
+    for _ in range(step):  # replay the seeded batch order so a resumed run sees the same data
+        next(it)
+    G.train(), D.train()
+    t0, last = time.time(), {}
+    with progress(disable=quiet) as bar:
+        task = bar.add_task("pix2pix", total=steps, completed=step, info="")
+        end = min(steps, stop_after) if stop_after else steps  # stop_after: time-boxed chunk, resume later
+        while step < end:
+            idx = next(it)
+            mr = train_set.mr[idx].to(dev).contiguous(memory_format=torch.channels_last)
+            real = train_set.fusion[idx].to(dev).contiguous(memory_format=torch.channels_last)
+            with autocast(dev, amp):
+                fake = G(mr)
+                # discriminator: LSGAN targets 1 (real) / 0 (fake)
+                p_real, p_fake = D(mr, real), D(mr, fake.detach())
+                loss_d = 0.5 * (F.mse_loss(p_real.float(), torch.ones_like(p_real, dtype=torch.float32))
+                                + F.mse_loss(p_fake.float(), torch.zeros_like(p_fake, dtype=torch.float32)))
+            opt_d.zero_grad(set_to_none=True)
+            scaler.scale(loss_d).backward()
+            scaler.step(opt_d)
+            with autocast(dev, amp):
+                p_fake = D(mr, fake)
+                loss_gan = F.mse_loss(p_fake.float(), torch.ones_like(p_fake, dtype=torch.float32))
+                loss_l1 = F.l1_loss(fake.float(), real.float())
+                loss_g = loss_gan + lambda_l1 * loss_l1
+            opt_g.zero_grad(set_to_none=True)
+            scaler.scale(loss_g).backward()
+            scaler.step(opt_g)
+            scaler.update()
+            for s in sched:
+                s.step()
+            step += 1
+            last = {"loss_d": loss_d.item(), "loss_g_gan": loss_gan.item(), "loss_l1": loss_l1.item()}
+            if step % log_every == 0 or step == end:
+                log.write(step=step, epoch=round(step / per_epoch, 3), lr=sched[0].get_last_lr()[0],
+                          seconds=round(time.time() - t0, 1), **last)
+            bar.update(task, completed=step, info=f"L1 {last['loss_l1']:.4f} D {last['loss_d']:.3f}")
+            if step % ckpt_every == 0 or step == end:
+                save_checkpoint(ckpt, {"step": step, "preset": preset, "G": G.state_dict(), "D": D.state_dict(),
+                                       "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                                       "sched": [s.state_dict() for s in sched], "scaler": scaler.state_dict(),
+                                       "rng": torch.get_rng_state(), "seed": seed,
+                                       "data": str(data), "train_pairs": len(train_set), "batch_size": batch_size})
+            if step % sample_every == 0 or step == steps:
+                sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
+                G.train()
+    plots.loss_curves(out / "log.csv", out / "loss.png", ["loss_l1", "loss_d", "loss_g_gan"], title="Pix2Pix losses")
+    return {"steps": step, "train_pairs": len(train_set), "epochs": round(step / per_epoch, 2), **last,
+            "checkpoint": str(ckpt)}
+
+
+def _preview_split(data):
+    try:
+        return load_split(data, "val", limit=4)
+    except ValueError:
+        return load_split(data, "train", limit=4)
+
+
+@torch.no_grad()
+def sample_grid(G, split, path: Path, dev):
+    G.eval()
+    fake = G(split.mr.to(dev)).float().cpu()
+    rows = [[m.numpy(), r.numpy(), f.numpy()] for m, r, f in zip(split.mr, split.fusion, fake)]
+    plots.save_grid(rows, path, ["MR", "real", "pix2pix"])
+
+
+def load_generator(checkpoint: str | Path, device="cpu"):
+    """(generator in eval mode, preset, checkpoint dict) from a Pix2Pix checkpoint."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    G = build_generator(state["preset"])
+    G.load_state_dict(state["G"])
+    return G.to(device, memory_format=torch.channels_last).eval(), state["preset"], state
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m training pix2pix", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="paired data set directory (build-dataset output)")
+    ap.add_argument("--out", required=True, help="run directory: checkpoint.pt, log.csv, loss.png, samples_*.png")
+    ap.add_argument("--preset", default="small", help="unet_256 (paper), small (shipped), tiny")
+    ap.add_argument("--steps", type=int, default=3000, help="optimiser steps in total")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lambda-l1", type=float, default=100.0, help="weight of the L1 term (paper: 100)")
+    ap.add_argument("--decay-start", type=float, default=0.5, help="fraction of steps before the linear LR decay")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    ap.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ap.add_argument("--stop-after", type=int, help="stop at this step (continue later with --resume)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--sample-every", type=int, default=500)
+    ap.add_argument("--limit", type=int, help="use at most this many training pairs")
+    a = ap.parse_args(argv)
+    res = train(a.data, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                lambda_l1=a.lambda_l1, decay_start=a.decay_start, seed=a.seed, device=a.device, amp=not a.no_amp,
+                resume=a.resume, stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
+                limit=a.limit)
+    print(json.dumps(res))
+    return 0

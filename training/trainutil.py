@@ -1,0 +1,119 @@
+"""Shared plumbing for the Pix2Pix/cDDPM training and evaluation commands: split loading (through
+training.data.PairedDataset), seeds, devices, CSV logs, progress bars and checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+
+
+@dataclass
+class Split:
+    """One split held in memory: mr (N,1,H,W) and fusion (N,3,H,W) float32 in [-1, 1]."""
+
+    name: str
+    mr: torch.Tensor
+    fusion: torch.Tensor
+    rows: list[dict]          # the pairs.csv rows, in the same order
+    manifest: dict
+
+    def __len__(self) -> int:
+        return self.mr.shape[0]
+
+
+def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> Split:
+    """The pairs of `split` (at most `limit`, evenly spread) read through training.data.PairedDataset,
+    with their pairs.csv rows; held in memory because the training loops sample from it."""
+    from training.data import PairedDataset
+
+    data_dir = Path(data_dir)
+    ds = PairedDataset(data_dir, split)
+    with open(data_dir / "pairs.csv", newline="") as f:
+        by_index = {int(r["index"]): r for r in csv.DictReader(f)}
+    positions = _spread(list(range(len(ds))), limit) if limit else list(range(len(ds)))
+    if not positions:
+        raise ValueError(f"{data_dir}: split {split!r} has no pairs")
+    items = [ds[i] for i in positions]
+    mr = torch.stack([m for m, _, _ in items])
+    fusion = torch.stack([f for _, f, _ in items])
+    rows = [by_index[int(i)] for _, _, i in items]
+    return Split(split, mr, fusion, rows, ds.manifest)
+
+
+def _spread(rows: list, n: int) -> list:
+    """n rows evenly spread over the list (so a subset covers several patients)."""
+    if n >= len(rows):
+        return rows
+    return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round()]
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def linear_decay(total: int, decay_start: float):
+    """Pix2Pix schedule: constant LR, then linear decay to 0 from `decay_start` (fraction of steps)."""
+    start = int(total * decay_start)
+    return lambda step: 1.0 if step < start else max(0.0, 1.0 - (step - start) / max(1, total - start))
+
+
+class CsvLog:
+    """Append-only CSV (continues across resumes; rows past the resume step are dropped)."""
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None):
+        self.path, self.fields = Path(path), fields
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                keep = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        else:
+            keep = []
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader()
+            w.writerows(keep)
+
+    def write(self, **row):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def progress(disable: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable)
+
+
+def save_checkpoint(path: Path, state: dict):
+    """Write atomically so an interrupted run never leaves a half-written checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless shuffled index batches (epoch after epoch), driven by a seeded generator."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def autocast(device: torch.device, amp: bool):
+    """fp16 autocast on CUDA when `amp`; a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
