@@ -9,11 +9,14 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help=__doc__.split("\n")[0] if __doc__ else None, no_args_is_help=True,
+app = typer.Typer(help="dicomnode: a DICOM node that turns sagittal T2 fat-sat spine MR into synthetic PET/T2FS "
+                  "fusion series (Pix2Pix + conditional diffusion). Every command has --help.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_show_locals=False)
 
 # --- node commands (serve, echo, send, rules, queue, status) ---------------------------------
-# (filled in by dicomnode.commands; see below)
+from dicomnode import cli_node  # noqa: E402  (light imports only; heavy ones inside the commands)
+
+cli_node.register(app)
 
 # --- phantom ---------------------------------------------------------------------------------
 @app.command()

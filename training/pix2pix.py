@@ -104,9 +104,31 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
             if step % sample_every == 0 or step == steps:
                 sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
                 G.train()
+    if step == steps:
+        recalibrate_bn(G, train_set.mr, batch_size, dev)
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        state.update(G=G.state_dict(), bn_recalibrated=True)
+        save_checkpoint(ckpt, state)
+        sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
     plots.loss_curves(out / "log.csv", out / "loss.png", ["loss_l1", "loss_d", "loss_g_gan"], title="Pix2Pix losses")
     return {"steps": step, "train_pairs": len(train_set), "epochs": round(step / per_epoch, 2), **last,
             "checkpoint": str(ckpt)}
+
+
+@torch.no_grad()
+def recalibrate_bn(G, mr: torch.Tensor, batch_size: int, dev):
+    """Replace the BatchNorm running statistics by exact averages over the training slices, so
+    eval-mode inference (running stats) matches what the generator saw during training."""
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    G.train()
+    for i in range(0, len(mr) - batch_size + 1 if len(mr) >= batch_size else 1, batch_size):
+        G(mr[i:i + batch_size].to(dev).contiguous(memory_format=torch.channels_last))
+    for m in bns:
+        m.momentum = 0.1
+    G.eval()
 
 
 def _preview_split(data):

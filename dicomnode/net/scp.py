@@ -29,6 +29,25 @@ STATUS_CANNOT_UNDERSTAND = 0xC000  # bad or unsafe UIDs, undecodable header
 STATUS_PROCESSING_FAILURE = 0xC001  # unexpected failure, logged with its reason
 
 
+def preferred_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pynetdicom knows, in the order the SCP prefers them.
+
+    pynetdicom accepts the first of *our* syntaxes that the caller proposes, so lossless
+    encodings come first (a sender then keeps its compressed files as they are instead of
+    transcoding them), uncompressed next, and lossy ones last: a lossless original is never
+    turned lossy on the way in.
+    """
+    def rank(uid: str) -> int:
+        u = UID(uid)
+        if not u.is_compressed:
+            return 1 if u.is_little_endian and not u.is_implicit_VR else (2 if u.is_little_endian else 3)
+        name = u.name.lower()
+        lossless = "lossy" not in name and ("lossless" in name or "rle" in name or "deflate" in name)
+        return 0 if lossless else 4
+
+    return sorted(ALL_TRANSFER_SYNTAXES, key=rank)
+
+
 def _int_or_none(value: object) -> int | None:
     try:
         return int(value) if value not in (None, "") else None  # type: ignore[arg-type]
@@ -70,9 +89,10 @@ class StoreSCP:
         ae.maximum_pdu_size = node.max_pdu
         ae.require_called_aet = node.require_called_aet
         ae.require_calling_aet = list(node.allowed_calling_aets)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        syntaxes = preferred_transfer_syntaxes()
+        ae.add_supported_context(Verification, syntaxes)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
         return ae
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -124,6 +144,7 @@ class StoreSCP:
             log.warning("rejecting association from host %s: not in allowed_hosts", address)
             # rejected-permanent, service-user, no-reason-given
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+            event.assoc.kill()  # lets the DUL flush the A-ASSOCIATE-RJ before the socket closes
 
     def _on_rejected(self, event) -> None:
         assoc = event.assoc

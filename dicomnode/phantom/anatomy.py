@@ -122,6 +122,8 @@ class Anatomy:
     bowel_suv: float
     lesion_disc: int  # index into discs (disc above vertebra i is disc i)
     modic_disc: int
+    belly: float  # distance from the front of the vertebral bodies to the anterior skin
+    half_width: float  # lateral half width of the trunk
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "Anatomy":
@@ -144,7 +146,8 @@ class Anatomy:
                    conus_offset=rng.uniform(-20, 20), back_fat=rng.uniform(8, 40),
                    muscle_depth=rng.uniform(45, 70), marrow_suv=rng.uniform(1.3, 2.4),
                    muscle_suv=rng.uniform(0.6, 1.0), bowel_suv=rng.uniform(0.9, 1.5),
-                   lesion_disc=lesion_disc, modic_disc=modic_disc)
+                   lesion_disc=lesion_disc, modic_disc=modic_disc, belly=rng.uniform(110, 200),
+                   half_width=rng.uniform(130, 170))
 
     # --- the curved spine -------------------------------------------------------------------
     def centre_y(self, z: np.ndarray) -> np.ndarray:
@@ -227,8 +230,10 @@ class _Canvas:
     def paint(self, frac, tissue: str | None, suv, mr=None) -> None:
         value = TISSUE[tissue][self.w] if mr is None else mr
         frac = np.asarray(frac, dtype=np.float32)
-        self.mr += frac * (np.float32(value) - self.mr)
-        self.suv += frac * (np.float32(suv) - self.suv)
+        for arr, v in ((self.mr, value), (self.suv, suv)):  # arr += frac * (v - arr), in place
+            d = np.subtract(np.float32(v) if np.isscalar(v) else v, arr, dtype=np.float32)
+            d *= frac
+            arr += d
 
     def bone(self, d, w, marrow_suv, margin=1.2) -> None:
         self.paint(ramp(d, w), "cortex", marrow_suv * 0.5)
@@ -273,18 +278,22 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
     t_back = Dc + anat.muscle_depth + anat.back_fat
     tex = smooth_field(rng, shape, (3, 6 / grid.row_spacing, 6 / grid.col_spacing))
     above = ramp(s_dia + 0.35 * np.maximum(-t - D, 0) - s, w2)
-    c.paint(ramp(t - t_back, w2), "fat", 0.35)
-    front = ramp(t - 2.0, w2)  # trunk contents lie in front of the spinal canal
+    t_front = -float(anat.depth.mean()) - anat.belly
+    half_ap = (t_back - t_front) / 2
+    trunk_d = ellipsoid((t - (t_back - half_ap), half_ap), (xl, anat.half_width), p=4)
+    trunk = ramp(trunk_d, w3)
+    c.paint(trunk, "fat", 0.35)
+    front = ramp(t - 2.0, w2) * ramp(trunk_d + 12.0, w3)  # trunk contents: in front of the canal
     c.paint(front * (1 - above), "abdomen", anat.bowel_suv,
             mr=TISSUE["abdomen"][c.w] * (1 + 0.12 * tex))
     loops = smooth_field(rng, shape, (4, 14 / grid.row_spacing, 14 / grid.col_spacing))
-    bowel = ramp(-(loops - 0.55) * 12, 1.0) * ramp(t + D + 30, w2) * (1 - above)
+    bowel = ramp(-(loops - 0.55) * 12, 1.0) * ramp(t + D + 30, w2) * (1 - above) * front
     c.paint(bowel, "fluid", anat.bowel_suv * 0.6)
-    c.paint(above * ramp(t + D + 22, w2), "lung", 0.4)
+    c.paint(above * ramp(t + D + 22, w2) * front, "lung", 0.4)
     c.paint(above * ramp(-(t + D + 22), w2) * ramp(t - 0, w2), "mediastinum", 1.4)
-    c.paint(ramp(t - t_back, w2) - ramp(t - t_back + 2.0, w2), "skin", 0.8)
+    c.paint(trunk - ramp(trunk_d + 2.0, w3), "skin", 0.8)
     # Paraspinal muscles (erector spinae, multifidus) and psoas.
-    c.paint(ramp(box((t - (Dc + anat.muscle_depth / 2), anat.muscle_depth / 2)), w2), "muscle",
+    c.paint(ramp(box((t - (Dc + anat.muscle_depth / 2), anat.muscle_depth / 2), (xl, 75.0)), w3), "muscle",
             anat.muscle_suv, mr=TISSUE["muscle"][c.w] * (1 + 0.12 * tex))
     psoas_r = np.clip((s_L1 + 40 - s) / 8, 0, 16).astype(np.float32)
     for side in (-1, 1):

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.config import ConfigError, load_config
+
+EXAMPLE = Path(__file__).parents[1] / "deploy" / "node.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_loads():
+    cfg = load_config(EXAMPLE)
+    assert cfg.node.ae_title and cfg.destinations and cfg.series.quiet_seconds == 10.0
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = write(tmp_path, "[node]\nae_titel = 'X'\n")
+    with pytest.raises(ConfigError, match=r"node\.toml: \[node\]\.ae_titel: unknown key"):
+        load_config(p)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = write(tmp_path, "[node]\nport = '104'\n")
+    with pytest.raises(ConfigError, match=r"\[node\]\.port: expected int, got str"):
+        load_config(p)
+
+
+def test_destination_errors_name_the_entry(tmp_path):
+    p = write(tmp_path, "[[destinations]]\nname = 'pacs'\nae_title = 'A_TITLE_THAT_IS_TOO_LONG'\nhost='h'\n")
+    with pytest.raises(ConfigError, match=r"\[\[destinations\]\]\[0\]\.ae_title"):
+        load_config(p)
+
+
+def test_bad_host_allowlist_and_regex(tmp_path):
+    with pytest.raises(ConfigError, match=r"allowed_hosts\[0\]"):
+        load_config(write(tmp_path, "[node]\nallowed_hosts = ['10.0.0.300']\n"))
+    with pytest.raises(ConfigError, match=r"\[rules\]\.description_include: invalid regular expression"):
+        load_config(write(tmp_path, "[rules]\ndescription_include = '(['\n"))
+
+
+def test_relative_storage_dir_is_relative_to_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, "[node]\nstorage_dir = 'spool'\n"))
+    assert cfg.node.storage_dir == tmp_path / "spool"
+
+
+def test_serve_exits_nonzero_on_bad_config(tmp_path):
+    p = write(tmp_path, "[nodes]\nport = 1\n")
+    result = CliRunner().invoke(app, ["serve", "--config", str(p)])
+    assert result.exit_code == 2
+    assert "nodes: unknown key" in result.output

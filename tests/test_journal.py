@@ -1,0 +1,69 @@
+import time
+
+import pytest
+
+from dicomnode.journal import Instance, Journal, TransitionError
+
+
+def inst(sop, series="1.2.3", n=3, pos=None, t=None):
+    return Instance(sop, series, "1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1", f"/x/{sop}.dcm", 10,
+                    "SCU", t or time.time(), n, None, pos)
+
+
+def test_instances_group_into_one_job_and_resend_is_idempotent(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    a, new_a = j.record_instance(inst("1.1", pos="0\\0\\0"))
+    b, new_b = j.record_instance(inst("1.1", pos="0\\0\\0"))
+    c, _ = j.record_instance(inst("1.2", pos="0\\0\\1"))
+    assert a == b == c and new_a and not new_b
+    assert j.instance_count() == 2 and len(j.jobs()) == 1
+
+
+def test_declared_size(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    j.record_instance(inst("1.1", pos="0\\0\\0"))
+    j.record_instance(inst("1.2", pos="0\\0\\1"))
+    assert not j.declared_size_met("1.2.3")
+    j.record_instance(inst("1.3", pos="0\\0\\1"))  # same position twice: not a new slice
+    assert not j.declared_size_met("1.2.3")
+    j.record_instance(inst("1.4", pos="0\\0\\2"))
+    assert j.declared_size_met("1.2.3")
+
+
+def test_state_machine_rejects_illegal_moves(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    job_id, _ = j.record_instance(inst("1.1"))
+    with pytest.raises(TransitionError):
+        j.transition(job_id, "processing")
+    j.transition(job_id, "complete")
+    j.transition(job_id, "selected")
+    j.transition(job_id, "processing")
+    assert j.recover() == [job_id] and j.job(job_id).state == "selected"
+    kinds = [e["kind"] for e in j.events(job_id)]
+    assert kinds == ["received", "complete", "selected", "processing", "selected"]
+
+
+def test_late_instance_reopens_as_new_generation(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    job_id, _ = j.record_instance(inst("1.1"))
+    j.transition(job_id, "complete")
+    j.transition(job_id, "ignored", reason="test")
+    again, _ = j.record_instance(inst("1.2"))
+    assert again != job_id and j.job(again).generation == 2 and j.job(again).state == "received"
+    j.transition(again, "complete")
+    assert j.record_instance(inst("1.3"), late_policy="ignore")[0] is None
+
+
+def test_deliveries_settle_the_job(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    job_id, _ = j.record_instance(inst("1.1"))
+    for s in ("complete", "selected", "processing", "encoded"):
+        j.transition(job_id, s)
+    j.start_deliveries(job_id, ["a", "b"])
+    assert j.record_attempt(job_id, "a", ok=True) == "sending"
+    assert j.record_attempt(job_id, "b", ok=False, error="down", next_attempt_at=time.time() + 60) == "sending"
+    assert j.due_deliveries(time.time()) == []
+    assert j.record_attempt(job_id, "b", ok=False, error="down", dead=True) == "dead_letter"
+    assert j.retry(job_id) == "sending"
+    assert [d.destination for d in j.due_deliveries(time.time())] == ["b"]
+    assert j.record_attempt(job_id, "b", ok=True) == "done"
