@@ -10,6 +10,10 @@ from dicomnode.config import config_from_dict
 
 
 def make_config(tmp_path: Path, port: int, **sections):
+    return config_from_dict(make_raw_config(tmp_path, port, **sections))
+
+
+def make_raw_config(tmp_path: Path, port: int, **sections) -> dict:
     raw = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "storage_dir": str(tmp_path / "store"),
                  "min_free_disk_mb": 1},
@@ -23,7 +27,7 @@ def make_config(tmp_path: Path, port: int, **sections):
             raw.setdefault(name, {}).update(values)
         else:
             raw[name] = values
-    return config_from_dict(raw)
+    return raw
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -36,3 +40,24 @@ def dataset_bytes(path: Path) -> bytes:
 
 def sop_uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def write_toml(path: Path, raw: dict) -> Path:
+    """A minimal TOML writer for test configs (tables, arrays of tables, scalars and lists)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = []
+    for name, table in raw.items():
+        for item in table if isinstance(table, list) else [table]:
+            lines.append(f"[[{name}]]" if isinstance(table, list) else f"[{name}]")
+            lines += [f"{k} = {value(v)}" for k, v in item.items()]
+            lines.append("")
+    Path(path).write_text("\n".join(lines))
+    return Path(path)

@@ -204,3 +204,22 @@ def test_workers_do_not_change_output(tmp_path, tiny):
     for a in _files(tiny)[::7]:
         assert a.read_bytes() == (par / a.relative_to(tiny)).read_bytes()
     shutil.rmtree(par)
+
+
+def test_pet_blur_fwhm_and_rician_background():
+    from dicomnode.phantom.grid import SliceGrid
+    from dicomnode.phantom.uptake import mr_acquire, pet_acquire
+
+    grid = SliceGrid("sagittal", 9, 101, 101, 0.5, 0.5, 2.0, 2.0, (0.0, 0.0, 0.0))
+    point = np.zeros(grid.shape, np.float32)
+    point[4, 50, 50] = 100.0
+    out = pet_acquire(point, grid, fwhm_mm=5.0, noise=0.0, rng=np.random.default_rng(0))
+    profile = out[4, 50]
+    above = np.flatnonzero(profile >= profile.max() / 2)
+    fwhm = (above[-1] - above[0] + 1) * grid.col_spacing
+    assert 4.5 <= fwhm <= 5.5
+    zero = np.zeros((2, 64, 64), np.float32)
+    mag = mr_acquire(zero, SliceGrid("sagittal", 2, 64, 64, 1, 1, 3, 3, (0.0, 0.0, 0.0)), gain=1000.0,
+                     noise=0.03, rng=np.random.default_rng(1))
+    # Rician (Rayleigh at zero signal): mean = sigma * sqrt(pi / 2), never negative
+    assert mag.mean() == pytest.approx(30.0 * np.sqrt(np.pi / 2), rel=0.05)

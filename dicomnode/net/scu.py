@@ -143,6 +143,5 @@ def _why_not(assoc, host: str, port: int, called_aet: str) -> str:
     peer = f"{called_aet}@{host}:{port}"
     if assoc.is_rejected:
         return f"association rejected by {peer}"
-    if assoc.is_aborted:
-        return f"association aborted by {peer}"
-    return f"cannot connect to {peer}"
+    # pynetdicom reports a refused connection as an abort: say both
+    return f"cannot associate with {peer} (connection refused, aborted or timed out)"

@@ -338,13 +338,11 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
     c.paint(ramp(ax + 1.5, w3) * ramp(sd + 1.2, w2), "marrow", anat.marrow_suv,
             mr=TISSUE["marrow"][c.w] * (1 + 0.15 * tex))
     c.paint(col * (1 - vfrac), "annulus", 0.6)
-    nb = np.concatenate([[0], np.repeat(anat.nucleus, 1)])  # brightness per disc segment
     disc_idx = np.clip((seg - 1) // 2, 0, len(anat.nucleus) - 1)
     nuc = ramp(ellipsoid((t + 0.45 * D, 0.33 * D), ((u - h / 2), 0.42 * h + 0.3), (xl, 0.6 * W)), w3)
     cleft = 1 - 0.5 * np.exp(-((u - h / 2) / 0.7) ** 2)
     c.paint(nuc * (1 - vfrac) * (~is_vert), "nucleus", 0.7,
             mr=TISSUE["nucleus"][c.w] * anat.nucleus.astype(np.float32)[disc_idx] * cleft)
-    del nb
     c.paint(ramp(ellipsoid((t + 5, 3.5), (u - h / 2, 1.8), (xl, 2.5)), w3) * is_vert, "fluid", 1.5,
             mr=TISSUE["fluid"][c.w] * 0.6)  # basivertebral vein
     # Great vessels in front of the spine (flow voids, blood-pool uptake).

@@ -1,0 +1,142 @@
+"""Dispatch to a real DCMTK storescp sink: delivery, retry after an outage, dead letter, re-drive."""
+
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import dcmtk, free_port, run
+from dicomfactory import make_series
+from dicomnode.cli import app
+from dicomnode.config import config_from_dict
+from dicomnode.dispatch import backoff_delay
+from dicomnode.node import Node
+from doubles import CopyProcessor
+from nodehelpers import make_raw_config, write_toml
+
+pytestmark = pytest.mark.integration
+
+
+class Sink:
+    """A DCMTK storescp on loopback that can be stopped and started again on the same port."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.proc = folder, port, None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self):
+        self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", "SINK", "-od", str(self.folder), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if run([dcmtk("echoscu"), "-aec", "SINK", "127.0.0.1", str(self.port)], check=False).returncode == 0:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("storescp did not start")
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def files(self):
+        return sorted(self.folder.glob("*"))
+
+
+@pytest.fixture
+def sink(tmp_path):
+    s = Sink(tmp_path / "sink", free_port())
+    yield s
+    s.stop()
+
+
+def setup(tmp_path, port, sink, **dispatch):
+    raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 2.0},
+                          destinations=[{"name": "sink", "ae_title": "SINK", "host": "127.0.0.1", "port": sink.port}],
+                          dispatch=dispatch)
+    return write_toml(tmp_path / "node.toml", raw), config_from_dict(raw)
+
+
+def send_series(port, tmp_path, slices=4):
+    files = make_series(tmp_path / "in", slices=slices)
+    run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
+    return files
+
+
+def wait_for(pred, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_delivered_to_sink(tmp_path, port, sink):
+    sink.start()
+    _, cfg = setup(tmp_path, port, sink)
+    with Node(cfg, CopyProcessor()) as node:
+        send_series(port, tmp_path, slices=8)
+        assert node.wait_idle(20)
+        (job,) = node.journal.jobs()
+        assert job.state == "done" and job.outputs == 8
+        assert {"load", "write", "process_total", "select"} <= set(job.timings)
+    assert len(sink.files()) == 8
+
+
+def test_sink_down_then_up_is_delivered_after_a_retry(tmp_path, port, sink):
+    _, cfg = setup(tmp_path, port, sink, backoff_initial_seconds=0.5, backoff_max_seconds=1.0)
+    with Node(cfg, CopyProcessor()) as node:
+        send_series(port, tmp_path, slices=8)
+        assert wait_for(lambda: any(d.attempts >= 1 for d in node.journal.deliveries()), 15)
+        (d,) = node.journal.deliveries()
+        assert d.state == "pending" and "cannot associate" in d.last_error
+        sink.start()
+        assert wait_for(lambda: node.journal.jobs()[0].state == "done", 15)
+        (d,) = node.journal.deliveries()
+        assert d.attempts >= 2 and d.state == "delivered"
+    assert len(sink.files()) == 8
+
+
+def test_dead_letter_then_queue_retry(tmp_path, port, sink):
+    toml, cfg = setup(tmp_path, port, sink, backoff_initial_seconds=0.3, backoff_max_seconds=0.5,
+                      give_up_after_seconds=1.5)
+    with Node(cfg, CopyProcessor()) as node:
+        send_series(port, tmp_path, slices=8)
+        assert wait_for(lambda: node.journal.jobs()[0].state == "dead_letter", 20)
+        (d,) = node.journal.deliveries()
+        assert d.state == "dead_letter" and d.attempts >= 2
+
+        listing = CliRunner().invoke(app, ["queue", "list", "--config", str(toml), "--state", "dead_letter"])
+        assert listing.exit_code == 0 and "dead_letter" in listing.output
+        sink.start()
+        result = CliRunner().invoke(app, ["queue", "retry", "--config", str(toml), "--all-dead"])
+        assert result.exit_code == 0, result.output
+        assert wait_for(lambda: node.journal.jobs()[0].state == "done", 15)
+    assert len(sink.files()) == 8
+
+
+def test_failed_processing_is_recorded_and_can_be_retried(tmp_path, port, sink):
+    toml, cfg = setup(tmp_path, port, sink)
+    processor = CopyProcessor(fail=True)
+    with Node(cfg, processor) as node:
+        send_series(port, tmp_path, slices=8)
+        assert wait_for(lambda: node.journal.jobs() and node.journal.jobs()[0].state == "failed", 15)
+        assert "test double asked to fail" in node.journal.jobs()[0].error
+        run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)])  # still serving
+        processor.fail = False
+        sink.start()
+        assert CliRunner().invoke(app, ["queue", "retry", "--config", str(toml), "--all-failed"]).exit_code == 0
+        assert wait_for(lambda: node.journal.jobs()[0].state == "done", 15)
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    rng = random.Random(1)
+    delays = [backoff_delay(n, 30, 3600, rng) for n in range(1, 12)]
+    assert 15 <= delays[0] <= 30 and 30 <= delays[1] <= 60
+    assert all(1800 <= d <= 3600 for d in delays[-3:])
+    assert len({round(d, 6) for d in delays}) == len(delays)

@@ -1,0 +1,42 @@
+import time
+from pathlib import Path
+
+from dicomnode.config import RetentionConfig
+from dicomnode.journal import Instance, Journal
+from dicomnode.retention import sweep
+from dicomnode.spool import Spool, write_atomic
+
+
+def make_job(journal, spool, series, final_state, sop):
+    path = spool.instance_path("1.2", series, sop)
+    write_atomic(path, [b"x"])
+    job_id, _ = journal.record_instance(Instance(sop, series, "1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1",
+                                                 str(path), 1, "SCU", time.time(), None, None, None))
+    out = spool.output_dir(job_id)
+    write_atomic(out / "o.dcm", [b"y"])
+    journal.update_job(job_id, output_dir=str(out))
+    path_to = {"done": ["complete", "selected", "processing", "encoded", "sending", "done"],
+               "sending": ["complete", "selected", "processing", "encoded", "sending"],
+               "dead_letter": ["complete", "selected", "processing", "encoded", "sending", "dead_letter"],
+               "ignored": ["complete", "ignored"]}[final_state]
+    for state in path_to:
+        journal.transition(job_id, state)
+    return job_id, path, out
+
+
+def test_retention_removes_finished_series_but_never_undelivered_ones(tmp_path):
+    journal, spool = Journal(tmp_path / "j.sqlite"), Spool(tmp_path / "spool")
+    done = make_job(journal, spool, "1.2.1", "done", "1.2.1.1")
+    ignored = make_job(journal, spool, "1.2.2", "ignored", "1.2.2.1")
+    sending = make_job(journal, spool, "1.2.3", "sending", "1.2.3.1")
+    dead = make_job(journal, spool, "1.2.4", "dead_letter", "1.2.4.1")
+    cfg = RetentionConfig(keep_hours=1.0)
+    assert sweep(cfg, journal, spool) == 0  # nothing is old enough yet
+    assert sweep(cfg, journal, spool, now=time.time() + 7200) == 2
+    for _, path, out in (done, ignored):
+        assert not path.exists() and not out.exists()
+    for _, path, out in (sending, dead):
+        assert path.exists() and out.exists()
+    assert journal.job(done[0]).purged_at is not None
+    assert journal.instances("1.2.1") == [] and journal.instances("1.2.3")
+    assert sweep(cfg, journal, spool, now=time.time() + 7200) == 0  # idempotent
