@@ -140,3 +140,26 @@ def test_backoff_is_exponential_capped_and_jittered():
     assert 15 <= delays[0] <= 30 and 30 <= delays[1] <= 60
     assert all(1800 <= d <= 3600 for d in delays[-3:])
     assert len({round(d, 6) for d in delays}) == len(delays)
+
+
+@pytest.mark.parametrize("warning", [0xB000, 0xB006, 0xB007])
+def test_warning_statuses_count_as_stored(tmp_path, port, warning):
+    """A pynetdicom storage SCP that answers every C-STORE with a warning status."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    scp = AE(ae_title="SINK")
+    scp.supported_contexts = AllStoragePresentationContexts
+    sink_port = free_port()
+    server = scp.start_server(("127.0.0.1", sink_port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: warning)])
+    try:
+        raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 2.0},
+                              destinations=[{"name": "warn", "ae_title": "SINK", "host": "127.0.0.1",
+                                             "port": sink_port}])
+        with Node(config_from_dict(raw), CopyProcessor()) as node:
+            send_series(port, tmp_path, slices=8)
+            assert wait_for(lambda: node.journal.jobs() and node.journal.jobs()[0].state == "done", 15)
+            (d,) = node.journal.deliveries()
+            assert d.state == "delivered" and d.attempts == 1
+    finally:
+        server.shutdown()

@@ -1,0 +1,183 @@
+"""The synthesiser: one selected T2FS series in, one derived synthetic PET/T2FS fusion series out.
+
+The daemon, `dicomnode infer` and `dicomnode demo` all run this class. The model is found and
+loaded (card and checksums verified) once at start; each series is then prepared, translated in
+batches under `torch.inference_mode` (channels-last, bf16 autocast on CUDA), mapped back to the
+source grids and encoded. One series at a time (a lock), so the GPU never holds two jobs.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from pydicom import Dataset
+
+from dicomnode.config import InferenceConfig
+from dicomnode.encode import encode_series
+from dicomnode.engine.model import FusionModel, ModelError, load_model
+from dicomnode.engine.preprocess import outputs_to_rgb, prepare_series
+from dicomnode.records import CompleteSeries, ProcessResult
+
+log = logging.getLogger("dicomnode.engine")
+
+DEFAULT_MODEL = "t2fs2petfusion"  # the shipped model's folder name; "default" resolves to it
+SYSTEM_MODELS = Path("/usr/share/dicomnode/models")
+FAST_SAMPLERS = ("ddim", "dpmpp2m")
+
+
+def model_search_path() -> list[Path]:
+    """Where model names are looked up, in order: $DICOMNODE_MODELS, the repo's models/, the system."""
+    dirs = [Path(p) for p in os.environ.get("DICOMNODE_MODELS", "").split(os.pathsep) if p]
+    return dirs + [Path(__file__).resolve().parents[2] / "models", SYSTEM_MODELS]
+
+
+def resolve_model(model: str) -> Path:
+    """A model name (or "default") -> its folder on the search path; a path is used as it is."""
+    if not model or model == "none":
+        raise ModelError("no model configured ([inference] model is empty or 'none')")
+    is_path = os.sep in model or model.startswith((".", "~")) or Path(model).is_absolute()
+    if is_path:
+        path = Path(model).expanduser()
+        if not (path / "model.json").is_file():
+            raise ModelError(f"model folder {path} does not exist or has no model.json")
+        return path
+    name = DEFAULT_MODEL if model == "default" else model
+    tried = [d / name for d in model_search_path()]
+    for path in tried:
+        if (path / "model.json").is_file():
+            return path
+    what = f"the shipped model {name!r}" if model == "default" else f"model {name!r}"
+    raise ModelError(f"{what} not found; looked for model.json in: {', '.join(map(str, tried))}. "
+                     "Train/export one (docs/models.md), set DICOMNODE_MODELS, or give a folder path")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """auto = CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+    return dev
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What besides the model decides the pixels (hashed into the output UIDs)."""
+
+    sampler: str
+    steps: int
+    strength: float
+    seed: int
+    batch_size: int
+    refine: bool = True
+
+    def digest(self) -> str:
+        text = f"{self.sampler}|{self.steps}|{self.strength:.4f}|{self.seed}|{self.batch_size}|{int(self.refine)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Synthesizer:
+    """The Processor of the node: prepare -> translate -> back to the source grid -> encode."""
+
+    def __init__(self, model: FusionModel, settings: Settings, *, model_name: str, banner: bool = True,
+                 encode_options: dict | None = None):
+        self.model, self.settings, self.banner = model, settings, banner
+        self.model_name, self.name = model_name, f"{model_name} {model.version}"
+        self.encode_options = encode_options or {}
+        self.device = model.device
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def translate(self, batch: np.ndarray) -> np.ndarray:
+        """(S, 1, G, G) model-grid MR -> (S, 3, G, G) fusion in [-1, 1], in chunks of batch_size.
+
+        Chunk i uses seed + i * batch_size, so chunks get different noise and the result depends
+        only on the settings (batch size included), never on timing or device load.
+        """
+        s, out = self.settings, []
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(batch), s.batch_size):
+                mr = torch.from_numpy(batch[start:start + s.batch_size]).contiguous(memory_format=torch.channels_last)
+                res = self.model.translate(mr, refine=s.refine, sampler=s.sampler, steps=s.steps,
+                                           strength=s.strength, seed=s.seed + start, samples=1)
+                out.append(res.rgb.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def process(self, series: CompleteSeries | None, datasets: Sequence[Dataset | str | os.PathLike]) -> ProcessResult:
+        """Synthesise one series; raise with a reason (the Worker marks the job failed)."""
+        with self._lock:
+            try:
+                return self._process(datasets)
+            except BaseException:
+                release_memory(self.device)
+                raise
+
+    def _process(self, datasets) -> ProcessResult:
+        t = {}
+        t0 = time.perf_counter()
+        prepared = prepare_series(datasets)
+        t["preprocess"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outputs = self.translate(prepared.batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t["infer"] = time.perf_counter() - t0
+        if not np.isfinite(outputs).all():
+            raise FloatingPointError("the model produced non-finite values")
+        t0 = time.perf_counter()
+        rgb = outputs_to_rgb(prepared, outputs)
+        t["postprocess"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = encode_series(prepared.datasets, rgb, model_name=self.model_name, model_version=self.model.version,
+                            banner=self.banner, uid_variant=self.settings.digest(), **self.encode_options)
+        t["encode"] = time.perf_counter() - t0
+        n = len(prepared)
+        return ProcessResult(out, t, {"slices": float(n), "infer_seconds_per_slice": t["infer"] / n})
+
+
+def release_memory(device: torch.device) -> None:
+    """After a failed job: drop garbage and return cached GPU blocks so the next job starts clean."""
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def settings_from(cfg: InferenceConfig, model: FusionModel) -> Settings:
+    """[inference] -> sampler settings: 'fast' is the card's fast sampler (DDIM unless it names
+    DPM-Solver++), 'ddpm' the ancestral sampler over the schedule."""
+    card_sampler = model.defaults.get("sampler", "ddim")
+    sampler = "ddpm" if cfg.sampler == "ddpm" else (card_sampler if card_sampler in FAST_SAMPLERS else "ddim")
+    return Settings(sampler=sampler, steps=int(cfg.steps), strength=float(cfg.warm_start), seed=int(cfg.seed),
+                    batch_size=int(cfg.batch_size))
+
+
+def load_synthesizer(cfg: InferenceConfig, **encode_options) -> Synthesizer:
+    """Resolve, verify and load the model once (warm), on the configured device."""
+    path = resolve_model(cfg.model)
+    device = pick_device(cfg.device)
+    t0 = time.perf_counter()
+    model = load_model(path, device)
+    name = model.card.get("name") or path.name
+    if not name.isascii():
+        raise ModelError(f"{path / 'model.json'}: model name must be ASCII")
+    synth = Synthesizer(model, settings_from(cfg, model), model_name=name, banner=cfg.banner,
+                        encode_options=encode_options)
+    log.info("model %s %s loaded from %s on %s in %.1f s (%s, %d steps, strength %.2f)", name, model.version, path,
+             device, time.perf_counter() - t0, synth.settings.sampler, synth.settings.steps, synth.settings.strength)
+    return synth

@@ -1,0 +1,53 @@
+"""`dicomnode serve` as a real process: starts from a TOML file, answers DCMTK, exposes /metrics,
+and stops cleanly on SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import dcmtk, free_port, run
+from dicomfactory import make_series
+from nodehelpers import make_raw_config, write_toml
+
+pytestmark = pytest.mark.integration
+
+
+def test_serve_receives_exposes_metrics_and_stops_on_sigterm(tmp_path, port):
+    mport = free_port()
+    raw = make_raw_config(tmp_path, port, metrics={"enabled": True, "host": "127.0.0.1", "port": mport},
+                          inference={"model": "none"}, series={"quiet_seconds": 1.0})
+    toml = write_toml(tmp_path / "node.toml", raw)
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(toml)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=False).returncode:
+            assert proc.poll() is None and time.time() < deadline, "serve did not come up"
+            time.sleep(0.2)
+        files = make_series(tmp_path / "in", slices=9, patient_name="SECRET^NAME")
+        run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
+        time.sleep(1.5)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        assert 'dicomnode_instances_received_total{result="success"} 9.0' in body
+        assert 'dicomnode_jobs{state="selected"} 1.0' in body
+        assert "dicomnode_up 1.0" in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "stopping" in out
+    assert "SECRET" not in out and "PID0001" not in out  # no patient identifiers in logs
+
+
+def test_serve_refuses_a_missing_model_with_a_clear_message(tmp_path, port):
+    raw = make_raw_config(tmp_path, port, inference={"model": str(tmp_path / "no-such-model")})
+    toml = write_toml(tmp_path / "node.toml", raw)
+    proc = subprocess.run([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(toml)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "cannot load the model" in proc.stderr
