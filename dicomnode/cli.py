@@ -51,6 +51,75 @@ def phantom(
 
 
 # --- infer / demo ----------------------------------------------------------------------------
+@app.command()
+def infer(
+    in_dir: Path = typer.Argument(..., exists=True, help="Folder (searched recursively) or file(s) with MR series."),
+    out_dir: Path = typer.Argument(..., help="Folder for <output series UID>/<SOP UID>.dcm and infer.json."),
+    png: bool = typer.Option(False, "--png", help="Also write per-slice previews (MR | synthetic)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name or folder (default: the config's, "
+                                        "else the shipped model)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    select_all: bool = typer.Option(False, "--all", help="Process every series, ignoring the selection rules."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="node.toml to take [rules] and [inference] from."),
+) -> None:
+    """Run select -> synthesise -> encode on files, offline (same engine as the node)."""
+    import dataclasses
+    import logging
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dicomnode.config import Config, ConfigError, load_config
+    from dicomnode.engine.model import ModelError
+    from dicomnode.engine.synthesizer import load_synthesizer
+    from dicomnode.offline import run_infer
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config) if config else Config()
+    except ConfigError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2)
+    inference = dataclasses.replace(cfg.inference, **{k: v for k, v in (("model", model), ("device", device)) if v})
+    try:
+        synth = load_synthesizer(inference)
+    except (ModelError, ValueError, RuntimeError) as exc:
+        typer.echo(f"cannot load the model: {exc}", err=True)
+        raise typer.Exit(3)
+    with Progress(TextColumn("[bold]synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        outcomes = run_infer(in_dir, out_dir, synth, rules=cfg.rules, select_all=select_all, png=png, progress=bar)
+    for o in outcomes:
+        state = (f"FAILED: {o.error}" if o.error else f"{o.outputs} images -> {o.output_dir}") if o.selected \
+            else f"skipped: {o.reason}"
+        typer.echo(f"series {o.series_uid} ({o.slices} files): {state}")
+    typer.echo(f"summary: {out_dir / 'infer.json'}")
+    if any(o.error for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("dicomnode-demo"), "--out", help="Folder for the phantom, results and previews."),
+    model: str = typer.Option("default", "--model", help="Model name or folder (default: the shipped model)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    seed: int = typer.Option(7, "--seed", help="Phantom case seed."),
+) -> None:
+    """Node on loopback + shipped model + phantom case + local PACS: prints previews, timings, metrics."""
+    import logging
+
+    from dicomnode.demo import run_demo
+    from dicomnode.engine.model import ModelError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    try:
+        run_demo(out, model=model, device=device, seed=seed, echo=typer.echo)
+    except ModelError as exc:
+        typer.echo(f"cannot run the demo without a model: {exc}", err=True)
+        raise typer.Exit(3)
+    except RuntimeError as exc:
+        typer.echo(f"demo failed: {exc}", err=True)
+        raise typer.Exit(1)
+
 
 
 def main() -> None:  # console-script entry point

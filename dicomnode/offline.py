@@ -1,0 +1,125 @@
+"""`dicomnode infer`: the node's select -> synthesise -> encode pipeline on files, without a network.
+
+Files are grouped by series, the selection rules decide (unless `select_all`), the same
+Synthesizer the daemon uses produces the derived series, and the outputs are written as
+OUT_DIR/<output series UID>/<SOP Instance UID>.dcm, with optional PNG previews. A summary of
+every series (decision, outputs, timings, failure reason) goes to OUT_DIR/infer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset, dcmread
+
+from dicomnode.config import RulesConfig
+from dicomnode.net.scu import collect_files
+from dicomnode.records import CompleteSeries
+from dicomnode.rules import evaluate, read_headers
+from dicomnode.spool import check_uid, write_dataset
+
+log = logging.getLogger("dicomnode.infer")
+
+
+@dataclass
+class SeriesOutcome:
+    """One input series: what the rules said and what came out (no patient data)."""
+
+    series_uid: str
+    slices: int
+    selected: bool
+    reason: str
+    output_dir: str | None = None
+    outputs: int = 0
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    previews: list[str] = field(default_factory=list)
+
+
+def mr_to_uint8(volume: np.ndarray) -> np.ndarray:
+    """Display window for a whole series: 0.5-99.5 percentile -> 0-255 (as the phantom's windows)."""
+    lo, hi = np.percentile(volume, [0.5, 99.5])
+    return (np.clip((volume - lo) / max(hi - lo, 1e-6), 0, 1) * 255).round().astype(np.uint8)
+
+
+def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Greyscale or RGB uint8 panels of any sizes next to each other on black, as one RGB image."""
+    rgb = [np.repeat(i[..., None], 3, 2) if i.ndim == 2 else i for i in images]
+    h = max(i.shape[0] for i in rgb)
+    w = sum(i.shape[1] for i in rgb) + gap * (len(rgb) - 1)
+    sheet = np.zeros((h, w, 3), np.uint8)
+    x = 0
+    for i in rgb:
+        sheet[:i.shape[0], x:x + i.shape[1]] = i
+        x += i.shape[1] + gap
+    return sheet
+
+
+def write_previews(sources: Sequence[Dataset], outputs: Sequence[Dataset], out_dir: Path,
+                   extra: Sequence[np.ndarray] | None = None) -> list[Path]:
+    """One PNG per slice: MR | synthetic (| `extra`, e.g. the real fusion), in output order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_uid = {ds.SOPInstanceUID: ds for ds in sources}
+    src = [by_uid[o.SourceImageSequence[0].ReferencedSOPInstanceUID] for o in outputs]
+    mr = mr_to_uint8(np.stack([s.pixel_array.astype(np.float32) for s in src]))
+    paths = []
+    for k, (m, o) in enumerate(zip(mr, outputs)):
+        panels = [m, o.pixel_array] + ([extra[k]] if extra is not None else [])
+        path = out_dir / f"{int(o.InstanceNumber):03d}.png"
+        Image.fromarray(side_by_side(*panels)).save(path)
+        paths.append(path)
+    return paths
+
+
+def group_series(in_paths: Sequence[Path]) -> tuple[dict[str, list[Dataset]], list[tuple[Path, str]]]:
+    """Headers (with .filename) grouped by Series Instance UID, plus the unreadable files."""
+    return read_headers(collect_files(in_paths))
+
+
+def run_infer(in_dir: Path, out_dir: Path, synthesizer, *, rules: RulesConfig | None = None,
+              select_all: bool = False, png: bool = False, progress=None) -> list[SeriesOutcome]:
+    """Run the pipeline on every series under `in_dir`; failures are recorded, never raised."""
+    groups, bad = group_series([in_dir])
+    for path, why in bad:
+        log.warning("skipping unreadable file %s: %s", path, why)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcomes: list[SeriesOutcome] = []
+    task = progress.add_task("series", total=len(groups)) if progress is not None else None
+    for uid, headers in groups.items():
+        if select_all:
+            selected, reason = True, "--all"
+        else:
+            decision = evaluate(rules or RulesConfig(), uid, headers)
+            selected, reason = decision.matched, decision.reason
+        outcome = SeriesOutcome(uid, len(headers), selected, reason)
+        outcomes.append(outcome)
+        if selected:
+            _one_series(outcome, [Path(h.filename) for h in headers], out_dir, synthesizer, png)
+        if progress is not None:
+            progress.advance(task)
+    (out_dir / "infer.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=2) + "\n")
+    return outcomes
+
+
+def _one_series(outcome: SeriesOutcome, paths: list[Path], out_dir: Path, synthesizer, png: bool) -> None:
+    try:
+        sources = [dcmread(p) for p in paths]
+        result = synthesizer.process(CompleteSeries(0, str(sources[0].StudyInstanceUID), outcome.series_uid,
+                                                    tuple(paths)), sources)
+        target = out_dir / check_uid(result.datasets[0].SeriesInstanceUID, "output Series Instance UID")
+        target.mkdir(parents=True, exist_ok=True)
+        for ds in result.datasets:
+            write_dataset(target / f"{check_uid(ds.SOPInstanceUID, 'output SOP Instance UID')}.dcm", ds)
+        outcome.output_dir, outcome.outputs = str(target), len(result.datasets)
+        outcome.timings = {k: round(v, 4) for k, v in result.timings.items()}
+        if png:
+            outcome.previews = [str(p) for p in write_previews(sources, result.datasets, target / "preview")]
+    except Exception as exc:  # one bad series must not stop the others
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        log.error("series %s failed: %s", outcome.series_uid, outcome.error)
