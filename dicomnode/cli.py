@@ -60,7 +60,8 @@ def infer(
                                         "else the shipped model)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     select_all: bool = typer.Option(False, "--all", help="Process every series, ignoring the selection rules."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="node.toml to take [rules] and [inference] from."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="A node.toml whose rules and inference sections apply."),
 ) -> None:
     """Run select -> synthesise -> encode on files, offline (same engine as the node)."""
     import dataclasses
@@ -98,7 +99,7 @@ def infer(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("dicomnode-demo"), "--out", help="Folder for the phantom, results and previews."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the phantom, results and previews."),
     model: str = typer.Option("default", "--model", help="Model name or folder (default: the shipped model)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     seed: int = typer.Option(7, "--seed", help="Phantom case seed."),

@@ -8,6 +8,7 @@ against the real fusion. Also the engine of bench/bench_e2e.py.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -75,7 +76,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_config(work: Path, sink: LocalSink, inference: dict | None = None) -> Config:
+def demo_config(work: Path, sink: LocalSink, inference: dict | None = None, rules: dict | None = None) -> Config:
     """A loopback node that forwards to the local sink; completion right after the declared size."""
     return config_from_dict({
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port(),
@@ -84,6 +85,7 @@ def demo_config(work: Path, sink: LocalSink, inference: dict | None = None) -> C
         "metrics": {"enabled": False},
         "destinations": [{"name": "demo-sink", "ae_title": sink.ae_title, "host": "127.0.0.1", "port": sink.port}],
         "inference": inference or {},
+        "rules": rules or {},
     }, source="<demo>")
 
 
@@ -106,13 +108,15 @@ class DemoResult:
 
 
 def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = None, timeout: float = 600.0,
-             previews: bool = True, on_processing=None) -> DemoResult:
+             previews: bool = True, on_processing=None, rules: dict | None = None) -> DemoResult:
     """Send one phantom case through a fresh node into a local sink and collect the results."""
     from dicomnode.net.scu import store_files
     from dicomnode.node import Node
 
+    for stale in ("node", "sink", "previews"):  # a fresh journal and sink per run
+        shutil.rmtree(work / stale, ignore_errors=True)
     sink = LocalSink(work / "sink").start()
-    cfg = demo_config(work, sink, cfg_inference)
+    cfg = demo_config(work, sink, cfg_inference, rules)
     node = Node(cfg, synthesizer, serve_metrics=False)
     node.start()
     try:
@@ -127,13 +131,13 @@ def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = N
             on_processing(node)
         sink.wait_for(len(case["mr"]), timeout, give_up=failed)
         node.wait_idle(timeout=30)
-        job = node.journal.jobs()[0]
+        job = max((j for j in node.journal.jobs() if j.series_uid == case["mr_series_uid"]), key=lambda j: j.id)
         acked = max((t for t, _ in sink.received), default=None)
         latency = acked - job.last_instance_at if acked is not None else None
         received = sorted((p for _, p in sink.received), key=lambda p: int(dcmread(p, stop_before_pixels=True)
                                                                             .InstanceNumber))
         res = DemoResult(synthesizer.name, str(synthesizer.device), len(case["mr"]), (case["rows"], case["cols"]),
-                         job.state, job.error, dict(job.timings), latency, send_seconds, received)
+                         job.state, job.error or (job.reason if job.state == "ignored" else None), dict(job.timings), latency, send_seconds, received)
     finally:
         node.stop()
         sink.stop()

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def node(tmp_path, port):
-    n = Node(make_config(tmp_path, port, node={"allowed_calling_aets": ["SCANNER"]})).start()
+    n = Node(make_config(tmp_path, port, node={"allowed_calling_aets": ["SCANNER"]},
+                         series={"quiet_seconds": 30.0})).start()
     yield n
     n.stop()
 
@@ -88,7 +89,7 @@ def test_store_multi_series_in_several_transfer_syntaxes(node, port, tmp_path, s
 
 
 def test_resend_is_idempotent(node, port, tmp_path):
-    files = make_series(tmp_path / "in", slices=3)
+    files = make_series(tmp_path / "in", slices=3, declare_size=False)  # stays open between the two sends
     for _ in range(2):
         run([dcmtk("storescu"), "-aec", "DICOMNODE", "-aet", "SCANNER", "127.0.0.1", str(port), *map(str, files)])
     assert node.journal.instance_count() == 3

@@ -11,6 +11,7 @@ Writes OUT/checkpoint.pt (resumable), OUT/log.csv, OUT/loss.png, OUT/samples_STE
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
@@ -118,6 +119,13 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
             if step % sample_every == 0 or step == steps:
                 sample_grid(ema.model, diffusion, preview, preview_p2p, out / f"samples_{step:06d}.png", dev,
                             sample_steps, sample_strength)
+    if not (out / f"samples_{step:06d}.png").exists():
+        sample_grid(ema.model, diffusion, preview, preview_p2p, out / f"samples_{step:06d}.png", dev,
+                    sample_steps, sample_strength)
+    if loss_ema is None:  # resumed at the end: report the logged value
+        with open(out / "log.csv", newline="") as f:
+            last = list(csv.DictReader(f))[-1:]
+        loss_ema = float(last[0]["loss_ema"]) if last else None
     plots.loss_curves(out / "log.csv", out / "loss.png", ["loss"], title=f"cDDPM {prediction}-prediction loss")
     manifest = train_set.manifest
     card = save_model(out / "model", G.cpu(), ema.model.cpu(), pix2pix_preset=p2p_preset, cddpm_preset=preset,

@@ -124,6 +124,7 @@ class Anatomy:
     modic_disc: int
     belly: float  # distance from the front of the vertebral bodies to the anterior skin
     half_width: float  # lateral half width of the trunk
+    heart_suv: float
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "Anatomy":
@@ -147,7 +148,7 @@ class Anatomy:
                    muscle_depth=rng.uniform(45, 70), marrow_suv=rng.uniform(1.3, 2.4),
                    muscle_suv=rng.uniform(0.6, 1.0), bowel_suv=rng.uniform(0.9, 1.5),
                    lesion_disc=lesion_disc, modic_disc=modic_disc, belly=rng.uniform(110, 200),
-                   half_width=rng.uniform(130, 170))
+                   half_width=rng.uniform(130, 170), heart_suv=float(rng.choice([1.5, 3.0, 8.0]) * rng.uniform(0.8, 1.3)))
 
     # --- the curved spine -------------------------------------------------------------------
     def centre_y(self, z: np.ndarray) -> np.ndarray:
@@ -239,6 +240,42 @@ class _Canvas:
         self.paint(ramp(d, w), "cortex", marrow_suv * 0.5)
         self.paint(ramp(d + margin, w), "marrow", marrow_suv)
 
+    def crop(self, box: tuple[slice, ...]) -> "_Canvas":
+        """The same canvas restricted to a box (numpy views: paints go through)."""
+        sub = _Canvas.__new__(_Canvas)
+        sub.mr, sub.suv, sub.w = self.mr[box], self.suv[box], self.w
+        return sub
+
+
+class _Coords:
+    """Per-voxel spine coordinates and level attributes (broadcastable arrays), croppable to a box
+    so that each structure is computed only where it can be."""
+
+    names = ("s", "t", "xl", "seg", "u", "h", "lvl", "D", "W", "tex")
+
+    def __init__(self, **arrays):
+        self.__dict__.update(arrays)
+
+    def region(self, tlo: float, thi: float, slo: float = -np.inf, shi: float = np.inf) -> tuple[slice, ...]:
+        """Smallest index box holding every voxel with tlo <= t <= thi and slo <= s <= shi."""
+        m = (self.t >= tlo) & (self.t <= thi) & (self.s >= slo) & (self.s <= shi)
+        box = []
+        for axis in range(3):
+            if m.shape[axis] == 1:
+                box.append(slice(None))
+                continue
+            hit = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
+            box.append(slice(int(hit[0]), int(hit[-1]) + 1) if len(hit) else slice(0, 0))
+        return tuple(box)
+
+    def crop(self, box: tuple[slice, ...]) -> "_Coords":
+        return _Coords(**{n: _crop(getattr(self, n), box) for n in self.names})
+
+
+def _crop(a: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    a = np.asarray(a)
+    return a[tuple(b if a.shape[i] > 1 else slice(None) for i, b in enumerate(box))]
+
 
 def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | None,
                modic: bool, rng: np.random.Generator) -> Painted:
@@ -247,6 +284,7 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
     shape = grid.shape
     w2 = float(min(grid.row_spacing, grid.col_spacing))  # in-plane partial-volume width
     w3 = 0.5 * (w2 + grid.thickness)  # for shapes cut obliquely by the slab
+    M = w3 + 2.0  # margin of a structure's box beyond its nominal extent
     # Spine-aligned coordinates: s along the curve, t across it, xl lateral.
     zz = np.linspace(-200, 800, 2001)
     yc = anat.centre_y(zz)
@@ -271,6 +309,7 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
     D = anat.depth.astype(np.float32)[lvl]
     W = anat.width.astype(np.float32)[lvl]
     Dc, Wc = np.float32(anat.canal_ap), np.float32(anat.canal_w)
+    Dmin, Dmax = float(anat.depth.min()), float(anat.depth.max())
     s_L1 = anat.level_s("L1")
     s_dia = anat.level_s("T12") + 10
 
@@ -292,62 +331,91 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
     c.paint(above * ramp(t + D + 22, w2) * front, "lung", 0.4)
     c.paint(above * ramp(-(t + D + 22), w2) * ramp(t - 0, w2), "mediastinum", 1.4)
     c.paint(trunk - ramp(trunk_d + 2.0, w3), "skin", 0.8)
-    # Paraspinal muscles (erector spinae, multifidus) and psoas.
+    # Paraspinal muscles (erector spinae, multifidus).
     c.paint(ramp(box((t - (Dc + anat.muscle_depth / 2), anat.muscle_depth / 2), (xl, 75.0)), w3), "muscle",
             anat.muscle_suv, mr=TISSUE["muscle"][c.w] * (1 + 0.12 * tex))
-    psoas_r = np.clip((s_L1 + 40 - s) / 8, 0, 16).astype(np.float32)
+    K = _Coords(s=s, t=t, xl=xl, seg=seg, u=u, h=h, lvl=lvl, D=D, W=W, tex=tex)
+
+    # Heart in front of the mid-thoracic spine, resting on the diaphragm: grey myocardium around
+    # dark (black-blood) cavities, myocardial FDG uptake that varies widely between patients.
+    s_h = s_dia + 22 + 40
+    bx = K.region(-Dmax - 65 - 50 - M, -Dmin - 65 + 50 + M, s_h - 58 - M, s_h + 58 + M)
+    k, cc = K.crop(bx), c.crop(bx)
+    lim = _crop(above, bx) * _crop(front, bx)
+    hc = (k.s - s_h, k.t + k.D + 65, k.xl - 25)
+    cc.paint(lim * ramp(ellipsoid((hc[0], 58.0), (hc[1], 50.0), (hc[2], 55.0)), w3), "muscle",
+             anat.heart_suv, mr=TISSUE["muscle"][c.w] * 1.3)
+    cc.paint(lim * ramp(ellipsoid((hc[0], 47.0), (hc[1], 40.0), (hc[2], 45.0)), w3), "vessel", 1.6)
+    del lim, hc, above, front, trunk, trunk_d, bowel, loops
+
+    # Psoas muscles beside the lumbar bodies.
+    k, cc = K.crop(bx := K.region(-0.55 * Dmax - 17 - M, -0.55 * Dmin + 17 + M, -np.inf, s_L1 + 40 + M)), c.crop(bx)
+    psoas_r = np.clip((s_L1 + 40 - k.s) / 8, 0, 16).astype(np.float32)
     for side in (-1, 1):
-        c.paint(ramp(ellipsoid((t + D * 0.55, psoas_r + 1e-3), (xl - side * (W + psoas_r + 2), psoas_r + 1e-3)),
-                     w3), "muscle", anat.muscle_suv)
+        cc.paint(ramp(ellipsoid((k.t + k.D * 0.55, psoas_r + 1e-3),
+                                (k.xl - side * (k.W + psoas_r + 2), psoas_r + 1e-3)), w3) * (psoas_r > 0),
+                 "muscle", anat.muscle_suv)
+
     # Posterior elements: laminae, spinous processes (sloping caudally), pedicles, facet pillars.
+    k, cc = K.crop(bx := K.region(-2 - M, float(Dc) + 40 + M)), c.crop(bx)
     vb0, vb1 = B[0::2], B[1::2]
     vc = ((vb0 + vb1) / 2).astype(np.float32)
     vh = (vb1 - vb0).astype(np.float32)
-    slope = np.where(s > s_L1, 0.9, 0.35).astype(np.float32)
-    sp = s + slope * np.maximum(t - Dc, 0)
+    slope = np.where(k.s > s_L1, 0.9, 0.35).astype(np.float32)
+    sp = k.s + slope * np.maximum(k.t - Dc, 0)
     iv = np.clip(np.searchsorted((vc[1:] + vc[:-1]) / 2, sp), 0, len(vc) - 1)
     up, hp = sp - vc[iv], vh[iv]
-    lam = box((up + 0.15 * hp, 0.32 * hp), (t - (Dc + 3.0), 3.0), (xl, Wc + 9))
-    spin_len = np.where(s > s_L1, 24.0, 30.0).astype(np.float32) * anat.scale
-    spin = box((up + 0.1 * hp, 0.22 * hp), (t - (Dc + 3 + spin_len / 2), spin_len / 2), (xl, 3.5))
-    pillar = box((t - (Dc + 3), 6.0), (np.abs(xl) - (Wc + 8.5), 5.5))
-    ped = box((s - vc[np.clip(np.searchsorted((vc[1:] + vc[:-1]) / 2, s), 0, len(vc) - 1)] - 0.15 * h, 0.2 * h),
-              (t - Dc / 2, Dc / 2 + 1), (np.abs(xl) - (Wc + 3.5), 3.5))
-    c.paint(ramp(np.minimum(lam, spin) - 3.0, w3), "ligament", anat.muscle_suv)  # interspinous
-    c.bone(np.minimum(np.minimum(lam, spin), np.minimum(pillar, ped)), w3, anat.marrow_suv)
-    facet = ramp(box((np.abs(up) - 0.5 * hp - 1.5, 0.9), (t - (Dc + 3), 5.0), (np.abs(xl) - (Wc + 8.5), 4.5)), w3)
-    c.paint(facet, "fluid", 0.8, mr=TISSUE["fluid"][c.w] * 0.7)
+    lam = box((up + 0.15 * hp, 0.32 * hp), (k.t - (Dc + 3.0), 3.0), (k.xl, Wc + 9))
+    spin_len = np.where(k.s > s_L1, 24.0, 30.0).astype(np.float32) * anat.scale
+    spin = box((up + 0.1 * hp, 0.22 * hp), (k.t - (Dc + 3 + spin_len / 2), spin_len / 2), (k.xl, 3.5))
+    pillar = box((k.t - (Dc + 3), 6.0), (np.abs(k.xl) - (Wc + 8.5), 5.5))
+    ped = box((k.s - vc[np.clip(np.searchsorted((vc[1:] + vc[:-1]) / 2, k.s), 0, len(vc) - 1)] - 0.15 * k.h,
+               0.2 * k.h), (k.t - Dc / 2, Dc / 2 + 1), (np.abs(k.xl) - (Wc + 3.5), 3.5))
+    cc.paint(ramp(np.minimum(lam, spin) - 3.0, w3), "ligament", anat.muscle_suv)  # interspinous
+    cc.bone(np.minimum(np.minimum(lam, spin), np.minimum(pillar, ped)), w3, anat.marrow_suv)
+    facet = ramp(box((np.abs(up) - 0.5 * hp - 1.5, 0.9), (k.t - (Dc + 3), 5.0), (np.abs(k.xl) - (Wc + 8.5), 4.5)), w3)
+    cc.paint(facet, "fluid", 0.8, mr=TISSUE["fluid"][c.w] * 0.7)
+    del lam, spin, pillar, ped, facet, sp, up, hp, iv, slope, spin_len
+
     # Spinal canal: epidural fat, dural sac (CSF), cord down to the conus, then cauda equina.
-    canal = ramp(ellipsoid((t - Dc / 2, Dc / 2), (xl, Wc), p=4), w3)
-    c.paint(canal, "fat", 0.3)
-    c.paint(ramp(ellipsoid((t - Dc / 2 + 0.5, Dc / 2 - 1.7), (xl, Wc - 1.0), p=2), w3), "csf", 0.3)
+    k, cc = K.crop(bx := K.region(-M, float(Dc) + M)), c.crop(bx)
+    canal = ramp(ellipsoid((k.t - Dc / 2, Dc / 2), (k.xl, Wc), p=4), w3)
+    cc.paint(canal, "fat", 0.3)
+    cc.paint(ramp(ellipsoid((k.t - Dc / 2 + 0.5, Dc / 2 - 1.7), (k.xl, Wc - 1.0), p=2), w3), "csf", 0.3)
     conus = s_L1 + anat.conus_offset
-    taper = np.clip((s - conus) / 25, 0, 1).astype(np.float32)
+    taper = np.clip((k.s - conus) / 25, 0, 1).astype(np.float32)
     cord_r = 4.5 * taper + 1e-3
-    c.paint(ramp(ellipsoid((t - Dc * 0.45, cord_r), (xl, cord_r * 1.3)), w3) * (taper > 0), "cord", 1.2)
-    roots = (s < conus) * ramp(ellipsoid((t - Dc * 0.68, Dc * 0.18), (xl, Wc * 0.6)), w3)
-    c.paint(roots * (0.5 + 0.5 * np.cos(xl * 2.3) ** 2), "roots", 0.9)
+    cc.paint(ramp(ellipsoid((k.t - Dc * 0.45, cord_r), (k.xl, cord_r * 1.3)), w3) * (taper > 0), "cord", 1.2)
+    roots = (k.s < conus) * ramp(ellipsoid((k.t - Dc * 0.68, Dc * 0.18), (k.xl, Wc * 0.6)), w3)
+    cc.paint(roots * (0.5 + 0.5 * np.cos(k.xl * 2.3) ** 2), "roots", 0.9)
+    del canal, taper, cord_r, roots
+
     # Vertebral bodies and discs share one column; endplates are cortical lines.
-    e = np.minimum(u, h - u)
-    is_vert = (seg % 2 == 0)
+    bx_col = K.region(-Dmax - M, M)
+    k, cc = K.crop(bx_col), c.crop(bx_col)
+    e = np.minimum(k.u, k.h - k.u)
+    is_vert = (k.seg % 2 == 0)
     sd = np.where(is_vert, -e, e).astype(np.float32)
-    ax = ellipsoid((t + D / 2, D / 2), (xl, W), p=4)
+    ax = ellipsoid((k.t + k.D / 2, k.D / 2), (k.xl, k.W), p=4)
     col = ramp(ax, w3)
     vfrac = ramp(sd, w2)
-    c.paint(col * vfrac, "cortex", anat.marrow_suv * 0.5)
-    c.paint(ramp(ax + 1.5, w3) * ramp(sd + 1.2, w2), "marrow", anat.marrow_suv,
-            mr=TISSUE["marrow"][c.w] * (1 + 0.15 * tex))
-    c.paint(col * (1 - vfrac), "annulus", 0.6)
-    disc_idx = np.clip((seg - 1) // 2, 0, len(anat.nucleus) - 1)
-    nuc = ramp(ellipsoid((t + 0.45 * D, 0.33 * D), ((u - h / 2), 0.42 * h + 0.3), (xl, 0.6 * W)), w3)
-    cleft = 1 - 0.5 * np.exp(-((u - h / 2) / 0.7) ** 2)
-    c.paint(nuc * (1 - vfrac) * (~is_vert), "nucleus", 0.7,
-            mr=TISSUE["nucleus"][c.w] * anat.nucleus.astype(np.float32)[disc_idx] * cleft)
-    c.paint(ramp(ellipsoid((t + 5, 3.5), (u - h / 2, 1.8), (xl, 2.5)), w3) * is_vert, "fluid", 1.5,
-            mr=TISSUE["fluid"][c.w] * 0.6)  # basivertebral vein
+    cc.paint(col * vfrac, "cortex", anat.marrow_suv * 0.5)
+    cc.paint(ramp(ax + 1.5, w3) * ramp(sd + 1.2, w2), "marrow", anat.marrow_suv,
+             mr=TISSUE["marrow"][c.w] * (1 + 0.15 * k.tex))
+    cc.paint(col * (1 - vfrac), "annulus", 0.6)
+    disc_idx = np.clip((k.seg - 1) // 2, 0, len(anat.nucleus) - 1)
+    nuc = ramp(ellipsoid((k.t + 0.45 * k.D, 0.33 * k.D), ((k.u - k.h / 2), 0.42 * k.h + 0.3), (k.xl, 0.6 * k.W)), w3)
+    cleft = 1 - 0.5 * np.exp(-((k.u - k.h / 2) / 0.7) ** 2)
+    cc.paint(nuc * (1 - vfrac) * (~is_vert), "nucleus", 0.7,
+             mr=TISSUE["nucleus"][c.w] * anat.nucleus.astype(np.float32)[disc_idx] * cleft)
+    cc.paint(ramp(ellipsoid((k.t + 5, 3.5), (k.u - k.h / 2, 1.8), (k.xl, 2.5)), w3) * is_vert, "fluid", 1.5,
+             mr=TISSUE["fluid"][c.w] * 0.6)  # basivertebral vein
+    del e, sd, ax, vfrac, disc_idx, nuc, cleft
+
     # Great vessels in front of the spine (flow voids, blood-pool uptake).
+    k, cc = K.crop(bx := K.region(-Dmax - 25 - M, -Dmin - 3 + M)), c.crop(bx)
     for side, r in ((1, 10.0), (-1, 11.0)):
-        c.paint(ramp(ellipsoid((t + D + r + 3, r), (xl - side * (r + 6), r)), w3), "vessel", 1.6)
+        cc.paint(ramp(ellipsoid((k.t + k.D + r + 3, r), (k.xl - side * (r + 6), r)), w3), "vessel", 1.6)
 
     lesion_mask = np.zeros(shape, bool)
     meta: dict = {}
@@ -357,46 +425,58 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
         j = disc_segs[i]
         return float((B[j] + B[j + 1]) / 2), float(B[j + 1] - B[j]), float(anat.depth[i])
 
+    def near_disc(sdc: float, hd: float, reach: float):
+        """Column box (coords, canvas, oedema-capable column fraction) around one disc."""
+        bx = K.region(-Dmax - 45 - M, float(Dc) + 10 + M, sdc - hd / 2 - reach - M, sdc + hd / 2 + reach + M)
+        kk = K.crop(bx)
+        colk = ramp(ellipsoid((kk.t + kk.D / 2, kk.D / 2), (kk.xl, kk.W), p=4), w3)
+        return bx, kk, c.crop(bx), colk
+
     if modic:  # degenerative (Modic 1) oedema: looks inflammatory, little FDG uptake
         sdc, hd, _ = disc_centre(anat.modic_disc)
-        prof = np.exp(-np.maximum(np.abs(s - sdc) - hd / 2, 0) / 6.0) * is_vert
-        c.paint(col * prof * 0.5, "edema", anat.marrow_suv * rng.uniform(1.1, 1.5))
+        bx, k, cc, colk = near_disc(sdc, hd, 45.0)
+        prof = np.exp(-np.maximum(np.abs(k.s - sdc) - hd / 2, 0) / 6.0) * (k.seg % 2 == 0)
+        cc.paint(colk * prof * 0.5, "edema", anat.marrow_suv * rng.uniform(1.1, 1.5))
     if lesion is not None:
         lr = np.random.default_rng(lesion.seed)
         sdc, hd, Dd = disc_centre(anat.lesion_disc)
-        f1 = smooth_field(lr, shape, (2, 4 / grid.row_spacing, 4 / grid.col_spacing))
-        f2 = smooth_field(lr, shape, (2, 5 / grid.row_spacing, 5 / grid.col_spacing))
-        es = s - sdc
+        bx, k, cc, col = near_disc(sdc, hd, 50.0)
+        lm = lesion_mask[bx]
+        sub = cc.mr.shape
+        f1 = smooth_field(lr, sub, (2, 4 / grid.row_spacing, 4 / grid.col_spacing))
+        f2 = smooth_field(lr, sub, (2, 5 / grid.row_spacing, 5 / grid.col_spacing))
+        es = k.s - sdc
         near = np.abs(es) < hd / 2 + 45
         # Oedema of both adjacent bodies, graded from the endplates; endplate erosion.
         dist = np.maximum(np.abs(es) - hd / 2, 0)
         edema = near * col * lesion.edema_amp * np.exp(-dist / lesion.edema_len) * (0.75 + 0.25 * f1)
-        c.paint(edema, "edema", anat.marrow_suv)
+        cc.paint(edema, "edema", anat.marrow_suv)
         erosion = 1.5 + 1.5 * f1
         disc = ramp(np.abs(es) - hd / 2 - erosion, w2) * col
-        c.paint(disc, "infected_disc", 1.0, mr=TISSUE["infected_disc"][c.w] * (0.85 + 0.15 * f2))
-        lesion_mask |= (edema > 0.15) | (disc > 0.5)
+        cc.paint(disc, "infected_disc", 1.0, mr=TISSUE["infected_disc"][c.w] * (0.85 + 0.15 * f2))
+        lm |= (edema > 0.15) | (disc > 0.5)
         # FDG: own extent, own centre, own texture, own peak -- not derived from the T2 signal.
         uptake = (near * col * np.exp(-dist / lesion.uptake_len)
-                  * np.exp(-((t + Dd * (0.5 + lesion.uptake_shift[0])) / (0.45 * Dd)) ** 2)
-                  * np.exp(-((xl - lesion.uptake_shift[1]) / 22.0) ** 2) * (0.7 + 0.3 * f2))
+                  * np.exp(-((k.t + Dd * (0.5 + lesion.uptake_shift[0])) / (0.45 * Dd)) ** 2)
+                  * np.exp(-((k.xl - lesion.uptake_shift[1]) / 22.0) ** 2) * (0.7 + 0.3 * f2))
         if lesion.paravertebral is not None:
             ds_, xa, rs, rt, rx = lesion.paravertebral
-            ab = ellipsoid((es - ds_, rs), (t + Dd + rt * 0.6, rt), (xl - xa, rx))
-            c.paint(ramp(ab, w3), "rim", 1.0)
-            c.paint(ramp(ab + 2.5, w3), "pus", 1.0)
+            ab = ellipsoid((es - ds_, rs), (k.t + Dd + rt * 0.6, rt), (k.xl - xa, rx))
+            cc.paint(ramp(ab, w3), "rim", 1.0)
+            cc.paint(ramp(ab + 2.5, w3), "pus", 1.0)
             rim = np.exp(-((ab + 1.5) / 1.8) ** 2)
             uptake = np.maximum(uptake, rim * lesion.abscess_suv)
-            lesion_mask |= ab < 0
+            lm |= ab < 0
         if lesion.epidural is not None:
             ds_, rs, rt, rx = lesion.epidural
-            ep = ellipsoid((es - ds_, rs), (t - rt - 0.3, rt), (xl, rx))
-            c.paint(ramp(ep, w3), "pus", 1.0, mr=TISSUE["pus"][c.w] * 0.85)
+            ep = ellipsoid((es - ds_, rs), (k.t - rt - 0.3, rt), (k.xl, rx))
+            cc.paint(ramp(ep, w3), "pus", 1.0, mr=TISSUE["pus"][c.w] * 0.85)
             uptake = np.maximum(uptake, np.exp(-((ep + 1.0) / 1.5) ** 2) * lesion.abscess_suv * 0.8)
-            lesion_mask |= ep < 0
+            lm |= ep < 0
+        uptake = np.broadcast_to(uptake, sub)
         peak = float(uptake.max()) if uptake.size else 0.0
         if peak > 0:
-            c.suv = np.maximum(c.suv, (uptake / peak * np.float32(lesion.suv_peak)).astype(np.float32))
-        lesion_mask |= uptake > 0.3 * max(peak, 1e-6)
+            np.maximum(cc.suv, (uptake / peak * np.float32(lesion.suv_peak)).astype(np.float32), out=cc.suv)
+        lm |= uptake > 0.3 * max(peak, 1e-6)
         meta["lesion_level"] = f"{LEVELS[anat.lesion_disc + 1]}/{LEVELS[anat.lesion_disc]}"
     return Painted(mr=c.mr, suv=c.suv, lesion_mask=lesion_mask, meta=meta)

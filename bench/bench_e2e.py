@@ -1,0 +1,143 @@
+"""End-to-end latency and memory of the node with the synthesiser (not a test; see docs/engine.md).
+
+Latency: a phantom series (default 15 slices, 320x320) is sent with the node's SCU to a node on
+loopback that forwards to a local storage SCP; we report last instance received by the node ->
+last result acknowledged by the sink, and the job's stage timings. Memory: this process's VmRSS
+after the model is loaded (idle) and VmHWM (peak, reset before the case) while a 20-slice 512x512
+series is processed. Arithmetic: model GFLOP per slice (torch FlopCounterMode) over the measured
+inference time, against a plain fp32 channels-last 3x3 convolution measured on the same machine.
+
+    python bench/bench_e2e.py [--model default] [--device cpu] [--slices 15 --rows 320] [--mem-slices 20 --mem-rows 512]
+
+With no trained model available, `--model stand-in` (also the fallback) uses random weights in the
+shipped architecture: the timings are representative, the pictures are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicomnode.config import InferenceConfig  # noqa: E402
+from dicomnode.demo import run_case  # noqa: E402
+from dicomnode.engine.model import ModelError  # noqa: E402
+from dicomnode.engine.synthesizer import load_synthesizer  # noqa: E402
+from dicomnode.phantom import write_case  # noqa: E402
+
+
+def proc_status(key: str) -> float:
+    """VmRSS / VmHWM of this process in MiB (psutil is not installed)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def stand_in_model(path: Path) -> Path:
+    """Random weights, shipped presets (pix2pix small + cddpm small), as models/t2fs2petfusion would be."""
+    from dicomnode.engine.diffusion import Diffusion
+    from dicomnode.engine.model import save_model
+    from dicomnode.engine.nets import build_denoiser, build_generator
+
+    torch.manual_seed(0)
+    save_model(path, build_generator("small").eval(), build_denoiser("small").eval(), pix2pix_preset="small",
+               cddpm_preset="small", diffusion=Diffusion("cosine", 1000, "v"), name="standin", version="random-weights")
+    return path
+
+
+def model_gflop_per_slice(synth) -> float:
+    """FLOPs (2 per MAC) of one slice through Pix2Pix plus `steps` denoiser evaluations."""
+    m, s = synth.model, synth.settings
+    mr = torch.zeros(1, 1, 256, 256, device=synth.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        m.generator(mr)
+    g = fc.get_total_flops()
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        m.denoiser(torch.zeros(1, 3, 256, 256, device=synth.device), torch.zeros(1, dtype=torch.long,
+                   device=synth.device), torch.zeros(1, 4, 256, 256, device=synth.device))
+    evals = s.steps if s.sampler != "ddpm" else round(s.strength * m.diffusion.timesteps)
+    return (g + evals * fc.get_total_flops()) / 1e9
+
+
+def conv_gflops(device: torch.device, seconds: float = 3.0) -> float:
+    """Reference: fp32 channels-last 3x3 conv, 64->64 channels, 4x64x128x128."""
+    x = torch.randn(4, 64, 128, 128, device=device).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device, memory_format=torch.channels_last).eval()
+    flop = 2 * 4 * 64 * 64 * 9 * 128 * 128
+    with torch.inference_mode():
+        conv(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            conv(x)
+            n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n * flop / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--slices", type=int, default=15)
+    ap.add_argument("--rows", type=int, default=320)
+    ap.add_argument("--mem-slices", type=int, default=20)
+    ap.add_argument("--mem-rows", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    rss_start = proc_status("VmRSS")
+    try:
+        if args.model == "stand-in":
+            raise ModelError("stand-in requested")
+        synth = load_synthesizer(InferenceConfig(model=args.model, device=args.device))
+        which = f"trained model {synth.name}"
+    except ModelError as exc:
+        print(f"no trained model ({exc}); using random weights in the shipped architecture", file=sys.stderr)
+        synth = load_synthesizer(InferenceConfig(model=str(stand_in_model(work / "standin")), device=args.device))
+        which = "stand-in: random weights, shipped architecture (pix2pix small + cddpm small)"
+    rss_idle = proc_status("VmRSS")
+    inference = {"model": args.model, "device": args.device}
+    results = {"model": which, "device": str(synth.device), "torch_threads": torch.get_num_threads(),
+               "settings": synth.settings.__dict__, "rss_start_mib": round(rss_start), "rss_idle_mib": round(rss_idle)}
+    # warm-up on a tiny case so one-off allocations and lazy imports do not count
+    run_case(work / "warm", synth, write_case(work / "warmcase", 1, rows=64, slices=8), inference, previews=False)
+    for tag, slices, rows in (("latency", args.slices, args.rows), ("memory", args.mem_slices, args.mem_rows)):
+        case = write_case(work / f"case_{tag}", 3, rows=rows, cols=rows, slices=slices, lesion=True)
+        reset_peak()
+        t0 = time.perf_counter()
+        res = run_case(work / tag, synth, case, inference, previews=False)
+        assert res.job_state == "done" and len(res.received) == slices, (res.job_state, res.job_error)
+        results[tag] = {"slices": slices, "matrix": f"{rows}x{rows}", "latency_s": round(res.latency, 2),
+                        "wall_s": round(time.perf_counter() - t0, 2), "stages_s": res.timings,
+                        "peak_rss_mib": round(proc_status("VmHWM")), "rss_after_mib": round(proc_status("VmRSS"))}
+    gflop = model_gflop_per_slice(synth)
+    infer_s = results["latency"]["stages_s"]["infer"]
+    results["gflop_per_slice"] = round(gflop, 1)
+    results["model_gflops"] = round(gflop * args.slices / infer_s, 1)
+    results["conv_reference_gflops"] = round(conv_gflops(synth.device), 1)
+    results["fraction_of_reference"] = round(results["model_gflops"] / results["conv_reference_gflops"], 2)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""A tiny random-weights model directory (the models engineer's `save_model` and `tiny` presets).
+
+Random weights: the engine and end-to-end tests check mechanics (ordering, geometry, UIDs,
+determinism, DICOM validity, failure handling), never image quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom import dcmread
+
+from dicomnode.engine.diffusion import Diffusion
+from dicomnode.engine.model import save_model
+from dicomnode.engine.nets import build_denoiser, build_generator
+
+TINY_INFERENCE = {"steps": 1, "warm_start": 0.3, "batch_size": 4, "seed": 0}
+
+
+def make_tiny_model(path: Path, name: str = "tinytest", version: str = "tiny-1") -> Path:
+    torch.manual_seed(0)
+    save_model(path, build_generator("tiny"), build_denoiser("tiny"), pix2pix_preset="tiny", cddpm_preset="tiny",
+               diffusion=Diffusion("cosine", 100, "v"), sampler={"steps": 1, "strength": 0.3}, name=name,
+               version=version)
+    return Path(path)
+
+
+def rotate_series(paths, degrees: float, axis=(0.0, 0.0, 1.0)) -> None:
+    """Make a series oblique in place: rotate orientation and positions about `axis` (Rodrigues)."""
+    k = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.radians(degrees)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    rot = np.eye(3) + np.sin(a) * kx + (1 - np.cos(a)) * kx @ kx
+    for p in paths:
+        ds = dcmread(p)
+        iop = np.asarray(ds.ImageOrientationPatient, float)
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in np.concatenate([rot @ iop[:3], rot @ iop[3:]])]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in rot @ np.asarray(ds.ImagePositionPatient, float)]
+        ds.save_as(p, enforce_file_format=True)
+
+
+def slice_location(ds) -> float:
+    iop = np.asarray(ds.ImageOrientationPatient, float)
+    return float(np.dot(np.cross(iop[:3], iop[3:]), np.asarray(ds.ImagePositionPatient, float)))
