@@ -148,7 +148,8 @@ class Anatomy:
                    muscle_depth=rng.uniform(45, 70), marrow_suv=rng.uniform(1.3, 2.4),
                    muscle_suv=rng.uniform(0.6, 1.0), bowel_suv=rng.uniform(0.9, 1.5),
                    lesion_disc=lesion_disc, modic_disc=modic_disc, belly=rng.uniform(110, 200),
-                   half_width=rng.uniform(130, 170), heart_suv=float(rng.choice([1.5, 3.0, 8.0]) * rng.uniform(0.8, 1.3)))
+                   half_width=rng.uniform(130, 170),
+                   heart_suv=float(rng.choice([1.5, 3.0, 8.0]) * rng.uniform(0.8, 1.3)))
 
     # --- the curved spine -------------------------------------------------------------------
     def centre_y(self, z: np.ndarray) -> np.ndarray:
