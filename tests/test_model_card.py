@@ -81,3 +81,19 @@ def test_rejects_architecture_mismatch(model_dir):
     write_card(path, card)
     with pytest.raises(ModelError, match="pix2pix.safetensors.*do not fit"):
         load_model(path)
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "t2fs2petfusion"
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped model in models/")
+def test_shipped_model_verifies_and_runs():
+    total = sum(f.stat().st_size for f in SHIPPED.iterdir())
+    assert total <= 40e6
+    card = read_card(SHIPPED)
+    assert card["architecture"]["pix2pix"]["preset"] == "small" and card["architecture"]["cddpm"]["preset"] == "small"
+    assert card["training"]["commands"]
+    model = load_model(SHIPPED)  # checksums + architecture
+    assert model.defaults["steps"] * model.defaults["samples"] <= 10  # the CPU budget: <= 10 denoiser evaluations
+    out = model.translate(torch.zeros(1, 1, 256, 256) - 1, seed=0)
+    assert out.rgb.shape == (1, 3, 256, 256) and torch.isfinite(out.rgb).all()
