@@ -62,7 +62,7 @@ def stand_in_model(path: Path) -> Path:
 
 
 def model_gflop_per_slice(synth) -> float:
-    """FLOPs (2 per MAC) of one slice through Pix2Pix plus `steps` denoiser evaluations."""
+    """FLOPs (2 per MAC) of one slice through Pix2Pix plus steps x samples denoiser evaluations."""
     m, s = synth.model, synth.settings
     mr = torch.zeros(1, 1, 256, 256, device=synth.device)
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
@@ -71,7 +71,7 @@ def model_gflop_per_slice(synth) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         m.denoiser(torch.zeros(1, 3, 256, 256, device=synth.device), torch.zeros(1, dtype=torch.long,
                    device=synth.device), torch.zeros(1, 4, 256, 256, device=synth.device))
-    evals = s.steps if s.sampler != "ddpm" else round(s.strength * m.diffusion.timesteps)
+    evals = (s.steps if s.sampler != "ddpm" else round(s.strength * m.diffusion.timesteps)) * s.samples
     return (g + evals * fc.get_total_flops()) / 1e9
 
 

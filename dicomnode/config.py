@@ -180,8 +180,11 @@ class InferenceConfig:
     model: str = "default"  # a folder under models/ or a path to a model folder
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     sampler: str = "fast"  # fast | ddpm
-    steps: int = 10
-    warm_start: float = 0.5
+    # Unset (the default): the values the model card was validated with. Set them only to
+    # override the card; they change the pixels, so they also change the output UIDs.
+    steps: int | None = None  # denoiser evaluations per sample (fast samplers)
+    warm_start: float | None = None  # noise level the Pix2Pix output is refined from (1.0 = pure noise)
+    samples: int | None = None  # samples averaged per slice (their SD is the uncertainty)
     seed: int = 0
     batch_size: int = 4
     timeout_seconds: float = 600.0
@@ -192,10 +195,11 @@ class InferenceConfig:
             raise ConfigError(f"{where}.device: must be auto, cpu, cuda or cuda:N")
         if self.sampler not in ("fast", "ddpm"):
             raise ConfigError(f"{where}.sampler: must be 'fast' or 'ddpm'")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"{where}.steps/batch_size: must be >= 1")
-        if not 0.0 <= self.warm_start <= 1.0:
-            raise ConfigError(f"{where}.warm_start: must be between 0 and 1")
+        for key in ("steps", "samples", "batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1")
+        if self.warm_start is not None and not 0.0 < self.warm_start <= 1.0:
+            raise ConfigError(f"{where}.warm_start: must be in (0, 1]")
         _check_positive(where, "timeout_seconds", obj=self)
 
 

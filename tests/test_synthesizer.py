@@ -95,6 +95,9 @@ def test_settings_from_config(synth):
     fast = settings_from(InferenceConfig(sampler="fast", steps=3, warm_start=0.4, seed=5), synth.model)
     assert (fast.sampler, fast.steps, fast.strength, fast.seed) == ("ddim", 3, 0.4, 5)
     assert settings_from(InferenceConfig(sampler="ddpm"), synth.model).sampler == "ddpm"
+    card = settings_from(InferenceConfig(), synth.model)  # unset: the card's validated sampler settings
+    d = synth.model.defaults
+    assert (card.steps, card.strength, card.samples) == (d["steps"], d["strength"], d["samples"])
     assert fast.digest() != Settings("ddim", 3, 0.4, 6, fast.batch_size).digest()
 
 

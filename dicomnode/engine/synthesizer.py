@@ -81,10 +81,12 @@ class Settings:
     strength: float
     seed: int
     batch_size: int
+    samples: int = 1
     refine: bool = True
 
     def digest(self) -> str:
-        text = f"{self.sampler}|{self.steps}|{self.strength:.4f}|{self.seed}|{self.batch_size}|{int(self.refine)}"
+        text = (f"{self.sampler}|{self.steps}|{self.strength:.4f}|{self.seed}|{self.batch_size}|{int(self.refine)}"
+                f"|{self.samples}")
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -115,7 +117,7 @@ class Synthesizer:
             for start in range(0, len(batch), s.batch_size):
                 mr = torch.from_numpy(batch[start:start + s.batch_size]).contiguous(memory_format=torch.channels_last)
                 res = self.model.translate(mr, refine=s.refine, sampler=s.sampler, steps=s.steps,
-                                           strength=s.strength, seed=s.seed + start, samples=1)
+                                           strength=s.strength, seed=s.seed + start, samples=s.samples)
                 out.append(res.rgb.float().cpu().numpy())
         return np.concatenate(out)
 
@@ -161,10 +163,15 @@ def release_memory(device: torch.device) -> None:
 def settings_from(cfg: InferenceConfig, model: FusionModel) -> Settings:
     """[inference] -> sampler settings: 'fast' is the card's fast sampler (DDIM unless it names
     DPM-Solver++), 'ddpm' the ancestral sampler over the schedule."""
-    card_sampler = model.defaults.get("sampler", "ddim")
+    card = model.defaults
+    card_sampler = card.get("sampler", "ddim")
     sampler = "ddpm" if cfg.sampler == "ddpm" else (card_sampler if card_sampler in FAST_SAMPLERS else "ddim")
-    return Settings(sampler=sampler, steps=int(cfg.steps), strength=float(cfg.warm_start), seed=int(cfg.seed),
-                    batch_size=int(cfg.batch_size))
+
+    def pick(value, key):  # the config overrides the card's validated value only when set
+        return card[key] if value is None else value
+
+    return Settings(sampler=sampler, steps=int(pick(cfg.steps, "steps")), strength=float(pick(cfg.warm_start, "strength")),
+                    seed=int(cfg.seed), batch_size=int(cfg.batch_size), samples=int(pick(cfg.samples, "samples")))
 
 
 def load_synthesizer(cfg: InferenceConfig, **encode_options) -> Synthesizer:
