@@ -232,6 +232,7 @@ def queue_purge(
 ) -> None:
     """Remove jobs (and their output files) from the journal."""
     from .journal import ACTIVE_STATES
+    from .retention import remove_job_files
     from .spool import Spool
 
     cfg, journal = _journal(config)
@@ -242,9 +243,8 @@ def queue_purge(
         if (job.state in ACTIVE_STATES or job.state == "dead_letter") and not force:
             typer.echo(f"job {job.id} is {job.state}: not purged (use --force)", err=True)
             continue
-        if job.output_dir:
-            spool.remove_tree(Path(job.output_dir))
         journal.purge_job(job.id)
+        remove_job_files(journal, spool, job)  # received files go too, unless the series is still active
         removed += 1
     typer.echo(f"purged {removed} job(s)")
 

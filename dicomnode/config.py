@@ -137,6 +137,8 @@ class DestinationConfig:
         if not self.host:
             raise ConfigError(f"{where}.host: required")
         _check_port(self.port, f"{where}.port")
+        if self.ca_file is not None and not Path(self.ca_file).is_file():
+            raise ConfigError(f"{where}.ca_file: no such file: {self.ca_file}")
 
 
 @dataclass
@@ -205,8 +207,7 @@ class InferenceConfig:
 
 @dataclass
 class LoggingConfig:
-    level: str = "INFO"
-    log_patient_identifiers: bool = False  # PHI stays out of logs unless explicitly enabled
+    level: str = "INFO"  # logs never carry patient names or IDs
 
     def validate(self, where: str) -> None:
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

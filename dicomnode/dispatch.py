@@ -36,22 +36,25 @@ class Dispatcher:
 
     def run_due(self, now: float | None = None) -> int:
         """Attempt every delivery that is due; return how many were attempted."""
-        due = self.journal.due_deliveries(time.time() if now is None else now)
-        for delivery in due:
-            self.attempt(delivery)
-        return len(due)
+        attempted = 0
+        for delivery in self.journal.due_deliveries(time.time() if now is None else now):
+            attempted += self.attempt(delivery) is not None
+        return attempted
 
-    def attempt(self, delivery: Delivery) -> bool:
+    def attempt(self, delivery: Delivery) -> bool | None:
+        """One delivery attempt: True delivered, False failed; None when the job is not sending."""
         job = self.journal.job(delivery.job_id)
         dest = self.destinations.get(delivery.destination)
         if job is None or job.state != "sending":
-            return False
+            return None
         started = time.perf_counter()
-        error = None
         if dest is None:
             error = f"destination {delivery.destination!r} is no longer configured"
         else:
-            error = self._send(dest, Path(job.output_dir or ""))
+            try:
+                error = self._send(dest, Path(job.output_dir or ""))
+            except Exception as exc:  # any failure takes the backoff / dead-letter path
+                error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - started
         if error is None:
             state = self.journal.record_attempt(job.id, delivery.destination, ok=True)

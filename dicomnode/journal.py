@@ -7,6 +7,7 @@ insert is committed before the handler returns success.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -158,6 +159,8 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._series_locks: dict[str, threading.Lock] = {}
+        self._series_locks_guard = threading.Lock()
         self.db.executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -181,14 +184,26 @@ class Journal:
 
         def __enter__(self) -> sqlite3.Connection:
             self.journal._write_lock.acquire()
-            db = self.journal.db
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db = self.journal.db
+                db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.journal._write_lock.release()  # never leave the node locked out of its journal
+                raise
             return db
 
         def __exit__(self, exc_type, exc, tb):
             db = self.journal.db
             try:
-                db.execute("ROLLBACK" if exc_type else "COMMIT")
+                if exc_type:
+                    db.execute("ROLLBACK")
+                else:
+                    try:
+                        db.execute("COMMIT")
+                    except BaseException:
+                        with contextlib.suppress(sqlite3.Error):
+                            db.execute("ROLLBACK")  # leave this thread's connection usable
+                        raise
             finally:
                 self.journal._write_lock.release()
             return False
@@ -202,6 +217,11 @@ class Journal:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def series_lock(self, series_uid: str) -> threading.Lock:
+        """Serialises storing an instance of a series with removing that series' files."""
+        with self._series_locks_guard:
+            return self._series_locks.setdefault(series_uid, threading.Lock())
 
     def _event(self, db: sqlite3.Connection, job_id: int | None, kind: str, detail: str | None = None) -> None:
         db.execute("INSERT INTO events(at, job_id, kind, detail) VALUES (?, ?, ?, ?)", (time.time(), job_id, kind, detail))
@@ -326,25 +346,36 @@ class Journal:
             cols = ", ".join(f"{k}=?" for k in fields)
             db.execute(f"UPDATE jobs SET {cols}, updated_at=? WHERE id=?", (*fields.values(), time.time(), job_id))
 
-    def recover(self) -> list[int]:
-        """After a restart: jobs caught mid-processing go back to 'selected' to be redone."""
+    def recover(self, destinations: list[str]) -> list[int]:
+        """After a restart: jobs caught mid-processing go back to 'selected' to be redone, and
+        encoded jobs not yet handed to dispatch get their deliveries."""
         ids = [j.id for j in self.jobs(["processing"])]
         for job_id in ids:
             self.transition(job_id, "selected", reason="recovered after restart")
+        for job in self.jobs(["encoded"]):
+            self.start_deliveries(job.id, destinations)
+            ids.append(job.id)
         return ids
 
     def events(self, job_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM events WHERE job_id=? ORDER BY id", (job_id,))]
 
     # -- deliveries -------------------------------------------------------------------------
-    def start_deliveries(self, job_id: int, destinations: list[str]) -> None:
-        """encoded -> sending, with one pending delivery per destination (or done when none)."""
+    def start_deliveries(self, job_id: int, destinations: list[str]) -> str:
+        """encoded -> sending with one pending delivery per destination (done when there are
+        none), in one transaction, so a crash cannot leave a job half handed to dispatch."""
         now = time.time()
+        to = "sending" if destinations else "done"
         with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["state"] != "encoded":
+                raise TransitionError(f"job {job_id}: cannot start deliveries from {row and row['state']}")
             for name in destinations:
                 db.execute("INSERT OR REPLACE INTO deliveries(job_id, destination, state, attempts, next_attempt_at)"
                            " VALUES (?, ?, 'pending', 0, ?)", (job_id, name, now))
-        self.transition(job_id, "sending" if destinations else "done", expect="encoded")
+            db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (to, now, job_id))
+            self._event(db, job_id, to)
+        return to
 
     def deliveries(self, job_id: int | None = None, states: tuple[str, ...] | None = None) -> list[Delivery]:
         sql, args = "SELECT * FROM deliveries WHERE 1=1", []
@@ -391,10 +422,14 @@ class Journal:
         if job is None:
             raise TransitionError(f"job {job_id} does not exist")
         if job.state == "dead_letter":
-            with self._tx() as db:
+            now = time.time()
+            with self._tx() as db:  # one transaction: dispatch never sees pending deliveries of a dead job
                 db.execute("UPDATE deliveries SET state='pending', attempts=0, first_attempt_at=NULL, next_attempt_at=?"
-                           " WHERE job_id=? AND state='dead_letter'", (time.time(), job_id))
-            return self.transition(job_id, "sending", reason="retry requested").state
+                           " WHERE job_id=? AND state='dead_letter'", (now, job_id))
+                db.execute("UPDATE jobs SET state='sending', updated_at=? WHERE id=? AND state='dead_letter'",
+                           (now, job_id))
+                self._event(db, job_id, "sending", "retry requested")
+            return "sending"
         if job.state == "failed":
             return self.transition(job_id, "selected", reason="retry requested", error=None).state
         raise TransitionError(f"job {job_id} is {job.state}; only failed or dead_letter jobs can be retried")

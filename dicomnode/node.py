@@ -74,7 +74,11 @@ class Node:
     def _assemble_step(self) -> bool:
         completed = self.assembler.complete_due()
         for job in self.journal.jobs(["complete"]):
-            self.selector.select(job)
+            try:
+                self.selector.select(job)
+            except Exception as exc:  # one malformed series must not stall selection of the others
+                log.exception("job %d: selection failed", job.id)
+                self.journal.transition(job.id, "failed", expect="complete", error=f"selection: {exc}"[:2000])
             self._wake("worker")
         return bool(completed)
 
@@ -82,7 +86,7 @@ class Node:
         if self.worker is None:
             return False
         jobs = self.journal.jobs(["selected"], limit=1)
-        if not jobs:
+        if not jobs or self.worker.blocked():
             return False
         if self.worker.process(jobs[0]) == "sending":
             self._wake("dispatcher")
@@ -101,7 +105,7 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Node":
-        recovered = self.journal.recover()
+        recovered = self.journal.recover([d.name for d in self.cfg.destinations])
         if recovered:
             log.warning("re-queued %d job(s) interrupted by a restart", len(recovered))
         if self.worker is None:

@@ -41,10 +41,11 @@ class Selector:
         if decision.matched:
             self.journal.transition(job.id, "selected", expect="complete", rule=decision.rule, reason=decision.reason,
                                     timings=timings)
-            log.info("job %d: selected (%s)", job.id, decision.reason)
+            log.info("job %d: selected (rule %s)", job.id, decision.rule)
         else:
             self.journal.transition(job.id, "ignored", expect="complete", reason=decision.reason, timings=timings)
-            log.info("job %d: ignored (%s)", job.id, decision.reason)
+            failed = [c["check"] for c in decision.checks if not c["ok"]] or ["unreadable"]
+            log.info("job %d: ignored (failed: %s)", job.id, ", ".join(dict.fromkeys(failed)))
         if self.metrics:
             self.metrics.series_selected.labels(str(decision.matched).lower()).inc()
             if not decision.matched:
@@ -62,6 +63,15 @@ class Worker:
         self.processor = processor
         self.metrics = metrics
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="processor")
+        self._abandoned: cf.Future | None = None  # a run the watchdog gave up on, still holding the engine
+
+    def blocked(self) -> bool:
+        """True while a timed-out run is still going: new jobs wait in 'selected' rather than
+        piling up behind it."""
+        if self._abandoned is not None and self._abandoned.done():
+            log.warning("the processor run abandoned by the watchdog has ended; resuming")
+            self._abandoned = None
+        return self._abandoned is not None
 
     def process(self, job: Job) -> str:
         """Process a selected job; return its new state ('sending', 'done' or 'failed')."""
@@ -78,6 +88,7 @@ class Worker:
             try:
                 result = future.result(timeout=self.cfg.inference.timeout_seconds)
             except cf.TimeoutError:
+                self._abandoned = future
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="processor")
                 raise TimeoutError(f"processing exceeded the {self.cfg.inference.timeout_seconds:g} s watchdog")
@@ -86,6 +97,8 @@ class Worker:
                 raise ValueError("the processor returned no images")
             t0 = time.perf_counter()
             out_dir = self.spool.output_dir(job.id)
+            if out_dir.exists():  # a re-run must not send stale files from an earlier attempt
+                self.spool.remove_tree(out_dir)
             for ds in result.datasets:
                 write_dataset(out_dir / f"{check_uid(ds.SOPInstanceUID, 'output SOP Instance UID')}.dcm", ds)
             timings["write"] = round(time.perf_counter() - t0, 4)
@@ -102,10 +115,10 @@ class Worker:
         if self.metrics:
             for stage, seconds in timings.items():
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
-        self.journal.start_deliveries(job.id, [d.name for d in self.cfg.destinations])
+        state = self.journal.start_deliveries(job.id, [d.name for d in self.cfg.destinations])
         log.info("job %d: %d derived instances written in %.2f s", job.id, len(result.datasets),
                  timings["process_total"])
-        return self.journal.job(job.id).state  # type: ignore[union-attr]
+        return state
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -12,10 +12,22 @@ import time
 from pathlib import Path
 
 from .config import RetentionConfig
-from .journal import Journal
+from .journal import Job, Journal
 from .spool import Spool
 
 log = logging.getLogger("dicomnode.retention")
+
+
+def remove_job_files(journal: Journal, spool: Spool, job: Job) -> None:
+    """Remove a finished job's outputs and, unless another job of its series is still active,
+    the series' received files and instance rows. Holds the series lock, so an instance that
+    arrives meanwhile is either removed before it is stored or stored after the removal."""
+    if job.output_dir:
+        spool.remove_tree(Path(job.output_dir))
+    with journal.series_lock(job.series_uid):
+        if not journal.series_has_active_job(job.series_uid):
+            spool.remove_tree(spool.series_dir(job.study_uid, job.series_uid))
+            journal.forget_series_instances(job.series_uid)
 
 
 def sweep(cfg: RetentionConfig, journal: Journal, spool: Spool, now: float | None = None) -> int:
@@ -23,13 +35,12 @@ def sweep(cfg: RetentionConfig, journal: Journal, spool: Spool, now: float | Non
     cutoff = (time.time() if now is None else now) - cfg.keep_hours * 3600
     removed = 0
     for job in journal.iter_jobs_for_retention(cutoff):
-        if job.output_dir:
-            spool.remove_tree(Path(job.output_dir))
-        if not journal.series_has_active_job(job.series_uid):
-            spool.remove_tree(spool.series_dir(job.study_uid, job.series_uid))
-            journal.forget_series_instances(job.series_uid)
-        journal.mark_purged(job.id)
-        removed += 1
+        try:
+            remove_job_files(journal, spool, job)
+            journal.mark_purged(job.id)
+            removed += 1
+        except Exception:  # one bad job must not stop the clean-up of the others
+            log.exception("retention: cannot remove the files of job %d", job.id)
     if removed:
         log.info("retention: removed the files of %d finished job(s)", removed)
     return removed

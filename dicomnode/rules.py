@@ -17,7 +17,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 
 from .config import RulesConfig
 
@@ -56,7 +55,7 @@ def read_headers(paths: Iterable[Path]) -> tuple[dict[str, list[Dataset]], list[
         try:
             ds = dcmread(path, stop_before_pixels=True)
             groups[str(ds.SeriesInstanceUID)].append(ds)
-        except (InvalidDicomError, AttributeError, OSError, EOFError) as exc:
+        except Exception as exc:  # any unreadable file is reported, never fatal
             bad.append((Path(path), str(exc) or type(exc).__name__))
     return dict(groups), bad
 
@@ -134,10 +133,10 @@ def evaluate(cfg: RulesConfig, series_uid: str, headers: Sequence[Dataset]) -> D
     checks.add("slices", cfg.min_slices <= slices <= cfg.max_slices,
                f"{slices} (want {cfg.min_slices}-{cfg.max_slices})")
     if cfg.description_include:
-        checks.add("description", bool(re.search(cfg.description_include, desc)), f"{desc!r} vs include pattern")
+        checks.add("description", bool(re.search(cfg.description_include, desc)), "include pattern")
     if cfg.description_exclude:
         hit = re.search(cfg.description_exclude, desc)
-        checks.add("description", hit is None, f"{desc!r} excluded by {hit.group(0)!r}" if hit else f"{desc!r}")
+        checks.add("description", hit is None, f"excluded by {hit.group(0)!r}" if hit else "not excluded")
 
     iop = _orientation(first)
     if cfg.orientation != "any":

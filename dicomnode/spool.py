@@ -42,9 +42,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def ensure_dir(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of every folder it creates, so new folders survive a crash."""
+    if path.is_dir():
+        return
+    ensure_dir(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
 def write_atomic(path: Path, chunks: Iterable[bytes]) -> int:
     """Write `chunks` to `path` durably (temp file, fsync, rename, directory fsync); return size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     size = 0
     try:

@@ -38,7 +38,7 @@ def test_state_machine_rejects_illegal_moves(tmp_path):
     j.transition(job_id, "complete")
     j.transition(job_id, "selected")
     j.transition(job_id, "processing")
-    assert j.recover() == [job_id] and j.job(job_id).state == "selected"
+    assert j.recover([]) == [job_id] and j.job(job_id).state == "selected"
     kinds = [e["kind"] for e in j.events(job_id)]
     assert kinds == ["received", "complete", "selected", "processing", "selected"]
 
@@ -67,3 +67,26 @@ def test_deliveries_settle_the_job(tmp_path):
     assert j.retry(job_id) == "sending"
     assert [d.destination for d in j.due_deliveries(time.time())] == ["b"]
     assert j.record_attempt(job_id, "b", ok=True) == "done"
+
+
+def test_recover_hands_encoded_jobs_to_dispatch(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    job_id, _ = j.record_instance(inst("1.1"))
+    for s in ("complete", "selected", "processing", "encoded"):
+        j.transition(job_id, s)  # crash here: outputs written, deliveries not yet created
+    assert j.recover(["pacs"]) == [job_id]
+    assert j.job(job_id).state == "sending"
+    assert [d.destination for d in j.due_deliveries(time.time())] == ["pacs"]
+
+
+def test_failed_begin_releases_the_write_lock(tmp_path):
+    import sqlite3
+
+    j = Journal(tmp_path / "j.sqlite")
+    blocker = sqlite3.connect(tmp_path / "j.sqlite", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    j.db.execute("PRAGMA busy_timeout=100")
+    with pytest.raises(sqlite3.OperationalError):
+        j.record_instance(inst("1.1"))
+    blocker.execute("ROLLBACK")
+    assert j.record_instance(inst("1.1"))[0] is not None  # not deadlocked

@@ -40,3 +40,18 @@ def test_retention_removes_finished_series_but_never_undelivered_ones(tmp_path):
     assert journal.job(done[0]).purged_at is not None
     assert journal.instances("1.2.1") == [] and journal.instances("1.2.3")
     assert sweep(cfg, journal, spool, now=time.time() + 7200) == 0  # idempotent
+
+
+def test_queue_purge_removes_the_received_files_too(tmp_path):
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    store = tmp_path / "store"
+    journal, spool = Journal(store / "journal.sqlite"), Spool(store)
+    job_id, path, out = make_job(journal, spool, "1.2.1", "done", "1.2.1.1")
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\nstorage_dir = "{store}"\n')
+    result = CliRunner().invoke(app, ["queue", "purge", "--config", str(toml), str(job_id)])
+    assert result.exit_code == 0 and "purged 1" in result.output
+    assert not path.exists() and not out.exists() and journal.instances("1.2.1") == []

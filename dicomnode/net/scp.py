@@ -194,21 +194,22 @@ class StoreSCP:
                       self.cfg.node.min_free_disk_mb)
             return STATUS_OUT_OF_RESOURCES
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
-        try:
-            size = write_atomic(path, part10_chunks(meta, req.DataSet.getvalue()))
-        except OSError as exc:
-            log.error("C-STORE refused (0xA700): cannot write instance to the spool: %s", exc)
-            return STATUS_OUT_OF_RESOURCES
-        try:
-            job_id, _new = self.journal.record_instance(
-                Instance(sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
-                         sop_class_uid=sop_class, transfer_syntax=str(UID(meta.TransferSyntaxUID)), path=str(path),
-                         size=size, calling_aet=calling, received_at=time.time(), **record),
-                late_policy=self.cfg.series.late_instance_policy,
-            )
-        except Exception as exc:
-            log.error("C-STORE refused (0x%04X): journal write failed: %s", STATUS_PROCESSING_FAILURE, exc)
-            return STATUS_PROCESSING_FAILURE
+        with self.journal.series_lock(series_uid):  # retention cannot remove it between write and journal
+            try:
+                size = write_atomic(path, part10_chunks(meta, req.DataSet.getvalue()))
+            except OSError as exc:
+                log.error("C-STORE refused (0xA700): cannot write instance to the spool: %s", exc)
+                return STATUS_OUT_OF_RESOURCES
+            try:
+                job_id, _new = self.journal.record_instance(
+                    Instance(sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
+                             sop_class_uid=sop_class, transfer_syntax=str(UID(meta.TransferSyntaxUID)),
+                             path=str(path), size=size, calling_aet=calling, received_at=time.time(), **record),
+                    late_policy=self.cfg.series.late_instance_policy,
+                )
+            except Exception as exc:
+                log.error("C-STORE refused (0x%04X): journal write failed: %s", STATUS_PROCESSING_FAILURE, exc)
+                return STATUS_PROCESSING_FAILURE
         if self.on_stored is not None:
             self.on_stored(job_id)
         return STATUS_SUCCESS
