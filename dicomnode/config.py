@@ -188,7 +188,7 @@ class InferenceConfig:
     warm_start: float | None = None  # noise level the Pix2Pix output is refined from (1.0 = pure noise)
     samples: int | None = None  # samples averaged per slice (their SD is the uncertainty)
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int = 1  # slices per forward pass; the K samples of a slice already form a batch
     timeout_seconds: float = 600.0
     banner: bool = True
 
