@@ -14,6 +14,10 @@ from typing import List, Optional
 import typer
 
 CONFIG_OPT = typer.Option(Path("/etc/dicomnode/node.toml"), "--config", "-c", help="The node's TOML config file.")
+# Options shared by the SCU commands (echo, send)
+AEC_OPT = typer.Option("DICOMNODE", "--aec", help="Called AE title.")
+AET_OPT = typer.Option("DICOMNODE-SCU", "--aet", help="Calling AE title.")
+TLS_CA_OPT = typer.Option(None, "--tls-ca", help="Use TLS, trusting this CA file.")
 
 rules_app = typer.Typer(help="Dry-run the selection rules.", no_args_is_help=True)
 queue_app = typer.Typer(help="Inspect and re-drive jobs in the journal.", no_args_is_help=True)
@@ -78,10 +82,10 @@ def serve(config: Path = CONFIG_OPT) -> None:
 def echo(
     host: str = typer.Argument("127.0.0.1"),
     port: int = typer.Argument(11112),
-    aec: str = typer.Option("DICOMNODE", "--aec", help="Called AE title."),
-    aet: str = typer.Option("DICOMNODE-SCU", "--aet", help="Calling AE title."),
+    aec: str = AEC_OPT,
+    aet: str = AET_OPT,
     timeout: float = typer.Option(10.0, "--timeout"),
-    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="Use TLS, trusting this CA file."),
+    tls_ca: Optional[Path] = TLS_CA_OPT,
 ) -> None:
     """C-ECHO a DICOM peer (exit 0 on success)."""
     from .net.scu import AssociationFailed, client_tls_context
@@ -100,10 +104,10 @@ def send(
     paths: List[Path] = typer.Argument(..., help="Files or folders (searched recursively)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(11112, "--port"),
-    aec: str = typer.Option("DICOMNODE", "--aec", help="Called AE title."),
-    aet: str = typer.Option("DICOMNODE-SCU", "--aet", help="Calling AE title."),
+    aec: str = AEC_OPT,
+    aet: str = AET_OPT,
     timeout: float = typer.Option(60.0, "--timeout"),
-    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="Use TLS, trusting this CA file."),
+    tls_ca: Optional[Path] = TLS_CA_OPT,
 ) -> None:
     """C-STORE files or folders to a DICOM peer, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
