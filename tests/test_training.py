@@ -60,8 +60,8 @@ def runs(tmp_path_factory):
     p2p = pix2pix.train(data, root / "p2p", preset="tiny", steps=30, batch_size=4, lr=2e-3, seed=0, device="cpu",
                         log_every=1, sample_every=30, ckpt_every=10, quiet=True)
     ddpm = cddpm.train(data, root / "p2p" / "checkpoint.pt", root / "ddpm", preset="tiny", steps=40, batch_size=4,
-                       crop=32, lr=2e-3, timesteps=50, seed=0, device="cpu", log_every=1, sample_every=40,
-                       ckpt_every=20, sample_steps=3, sample_strength=0.5, quiet=True)
+                       crop=32, lr=2e-3, decay_start=0.75, timesteps=50, seed=0, device="cpu", log_every=1,
+                       sample_every=40, ckpt_every=20, sample_steps=3, sample_strength=0.5, quiet=True)
     return root, data, p2p, ddpm
 
 
@@ -95,7 +95,10 @@ def test_cddpm_loss_decreases_and_exports_model(runs):
     root, _, _, ddpm = runs
     loss = _column(root / "ddpm" / "log.csv", "loss")
     assert np.mean(loss[-8:]) < 0.8 * np.mean(loss[:8])
+    lr = _column(root / "ddpm" / "log.csv", "lr")  # warm-up, then linear decay to 0 from step 30
+    assert lr[28] < lr[29] and lr[34] < lr[29] and lr[-1] == 0.0
     card = read_card(ddpm["model_dir"])
+    assert card["training"]["cddpm"]["decay_start"] == 0.75
     assert card["training"]["cddpm"]["steps"] == 40 and card["training"]["data"]["counts"]["train"] == 16
     model = load_model(ddpm["model_dir"])
     out = model.translate(torch.zeros(1, 1, 64, 64), seed=1)

@@ -22,8 +22,8 @@ from dicomnode.engine.model import save_model
 from dicomnode.engine.nets import build_denoiser
 from training import plots
 from training.pix2pix import _preview_split, load_generator
-from training.trainutil import (CsvLog, autocast, batches, load_split, progress, resolve_device, save_checkpoint,
-                                seed_all)
+from training.trainutil import (CsvLog, autocast, batches, linear_decay, load_split, progress, resolve_device,
+                                save_checkpoint, seed_all)
 
 FIELDS = ["step", "epoch", "lr", "loss", "loss_ema", "seconds"]
 
@@ -47,7 +47,7 @@ def random_crops(tensors: list[torch.Tensor], size: int, gen: torch.Generator) -
 
 
 def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str = "small", steps: int = 4000,
-          batch_size: int = 8, crop: int = 128, lr: float = 2e-4, ema_decay: float = 0.999,
+          batch_size: int = 8, crop: int = 128, lr: float = 2e-4, decay_start: float = 1.0, ema_decay: float = 0.999,
           schedule: str = "cosine", prediction: str = "v", timesteps: int = 1000, seed: int = 0,
           device: str = "auto", amp: bool = True, resume: bool = False, threads: int | None = None,
           log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250, limit: int | None = None,
@@ -69,8 +69,9 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     net = build_denoiser(preset).to(dev, memory_format=torch.channels_last)
     ema = EMA(net, ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    warmup = lambda s: min(1.0, (s + 1) / 100)  # noqa: E731  short warm-up; Adam is jumpy at the start
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    decay = linear_decay(steps, decay_start)  # 1.0 (default): constant after the warm-up
+    # short warm-up (Adam is jumpy at the start), then constant, then optionally linear decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * decay(s))
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
     step, ckpt = 0, out / "checkpoint.pt"
     if resume and ckpt.exists():
@@ -139,7 +140,8 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
                                       "batch_size": p2p_state.get("batch_size"), "seed": p2p_state.get("seed"),
                                       "loss": "LSGAN + 100*L1", "optimizer": "Adam 2e-4 beta1 0.5, linear decay"},
                           "cddpm": {"steps": step, "batch_size": batch_size, "crop": crop, "lr": lr,
-                                    "ema_decay": ema_decay, "seed": seed, "final_loss_ema": loss_ema},
+                                    "decay_start": decay_start, "ema_decay": ema_decay, "seed": seed,
+                                    "final_loss_ema": loss_ema},
                           "device": str(dev)})
     return {"steps": step, "train_pairs": len(train_set), "loss": loss_v, "loss_ema": loss_ema,
             "model_dir": str(out / "model"), "version": card["version"]}
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128, help="random crop size (the net is fully convolutional)")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--decay-start", type=float, default=1.0,
+                    help="fraction of steps after which the LR decays linearly to 0 (1.0 = constant)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--schedule", default="cosine", choices=["cosine", "linear"])
     ap.add_argument("--prediction", default="v", choices=["v", "eps"])
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--version", help="model version string for the card")
     a = ap.parse_args(argv)
     res = train(a.data, a.pix2pix, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, crop=a.crop,
-                lr=a.lr, ema_decay=a.ema_decay, schedule=a.schedule, prediction=a.prediction,
+                lr=a.lr, decay_start=a.decay_start, ema_decay=a.ema_decay, schedule=a.schedule, prediction=a.prediction,
                 timesteps=a.timesteps, seed=a.seed, device=a.device, amp=not a.no_amp, resume=a.resume,
                 stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
                 sample_steps=a.sample_steps, sample_strength=a.sample_strength, limit=a.limit, version=a.version)
