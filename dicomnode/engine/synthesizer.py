@@ -25,6 +25,7 @@ from pydicom import Dataset
 
 from dicomnode.config import InferenceConfig
 from dicomnode.encode import encode_series
+from dicomnode.engine import heap
 from dicomnode.engine.model import FusionModel, ModelError, load_model
 from dicomnode.engine.preprocess import outputs_to_rgb, prepare_series
 from dicomnode.records import CompleteSeries, ProcessResult
@@ -129,6 +130,8 @@ class Synthesizer:
             except BaseException:
                 release_memory(self.device)
                 raise
+            finally:
+                heap.trim()  # the freed activations were kept for reuse during the job
 
     def _process(self, datasets) -> ProcessResult:
         t = {}
@@ -178,6 +181,8 @@ def load_synthesizer(cfg: InferenceConfig, **encode_options) -> Synthesizer:
     """Resolve, verify and load the model once (warm), on the configured device."""
     path = resolve_model(cfg.model)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        heap.keep_freed_memory()
     t0 = time.perf_counter()
     model = load_model(path, device)
     name = model.card.get("name") or path.name
