@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger("dicomnode.engine")
@@ -22,6 +23,7 @@ TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20
 
 
+@functools.cache
 def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
