@@ -19,7 +19,8 @@ t = torch.zeros(8, dtype=torch.long)
 with torch.inference_mode():
     net(x, t, cond)  # first evaluation: every page is new either way
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    net(x, t, cond)
+    for _ in range(3):
+        net(x, t, cond)
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -35,8 +36,8 @@ def test_keeping_freed_memory_avoids_refaulting_activations():
     _, default_faults = _faults("default")
     kept, kept_faults = _faults("keep")
     assert kept == "True"
-    assert default_faults > 40_000  # glibc's defaults fault most activations in again
-    assert kept_faults < default_faults / 4
+    assert default_faults > 100_000  # glibc's defaults fault most activations in again
+    assert kept_faults < default_faults / 4  # measured: 264-286 k against 12-33 k
 
 
 def test_trim_is_safe_to_call_any_time():
