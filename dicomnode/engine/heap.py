@@ -3,7 +3,7 @@
 Every denoiser evaluation allocates and frees activations of 10-35 MB. With glibc's defaults those
 come from mmap (or the trimmed heap top) and go back to the kernel on free, so the next evaluation
 page-faults the same memory in again, zero-filled: about 1.8 million minor faults per 6 slices,
-a third of the inference time on 2 cores (docs/engine.md). Keeping freed memory in the process
+about a third of the main thread's inference time on 2 cores (docs/benchmarks.md). Keeping freed memory in the process
 during a job removes that; `trim` hands it back when the job is done, so the idle daemon stays
 small. Both are no-ops where the C library is not glibc.
 """
