@@ -7,14 +7,26 @@ on the model grid with the evaluation's metrics (dicomnode.imagemetrics):
 - ceiling: fusion rendered from the noise-free PET (true uptake after the scanner blur) against
   the written fusion. It also knows every uptake value (heart, lesion, marrow), which a model has
   to guess from the MR, so real models stay well below it;
-- floor: fusion rendered with no PET at all (the grey T2FS through the same blend).
+- floor: fusion rendered with no PET at all (the grey T2FS through the same blend);
+- bound (with --draws J): the best any MR-only model can do. The phantom draws some uptake values
+  independently of everything the MR shows (`Anatomy.HIDDEN_UPTAKE`, `Lesion.HIDDEN_UPTAKE`:
+  marrow, muscle, bowel and myocardial SUV; the lesion's peak SUV, extent, offset and abscess rim).
+  The minimum-MSE prediction given the full anatomy is the mean fusion over those values and the
+  PET noise; it is estimated from J re-paintings of the same anatomy with freshly drawn hidden
+  values and noise, and its MSE is corrected for the finite J (minus the per-pixel sample variance
+  / J). The estimate knows the exact anatomy, PET resolution and noise level, which a model has to
+  infer, so it bounds every model's MSE from below: its PSNR is an upper bound in practice (exactly
+  so for the mean MSE; the mean of per-slice PSNR differs by Jensen's inequality). Its SSIM is
+  reported but bounds nothing (the MSE-optimal image is not the SSIM-optimal one).
 
-    python bench/bench_ceiling.py --cases 100 --seed 11 --manifest DATA/manifest.json --split test
+    python bench/bench_ceiling.py --cases 100 --seed 11 --manifest DATA/manifest.json --split test --draws 32
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,15 +37,46 @@ from scipy import ndimage
 from dicomnode import imagemetrics
 from dicomnode.engine.grid import GridPlacement
 from dicomnode.phantom.fusion import render_fusion
-from dicomnode.phantom.generate import plan_cases, simulate
+from dicomnode.phantom.anatomy import Anatomy, Lesion, paint_case
+from dicomnode.phantom.generate import plan_cases, scene, simulate
+from dicomnode.phantom.uptake import pet_acquire
 
 
 def _grid_unit(place: GridPlacement, rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(place.to_grid(np.moveaxis(rgb, -1, 0).astype(np.float32), fill=0.0) / 255.0)
 
 
-def score_case(spec) -> dict[str, list[float]]:
-    """Per-slice PSNR/SSIM of the ceiling and the floor for one simulated study."""
+def _redraw_hidden(obj, rng: np.random.Generator):
+    """`obj` (an Anatomy or a Lesion) with its MR-invisible uptake values drawn afresh."""
+    fresh = type(obj).sample(rng)
+    return dataclasses.replace(obj, **{f: getattr(fresh, f) for f in type(obj).HIDDEN_UPTAKE})
+
+
+def mmse_fusion(spec, sim, place: GridPlacement, window, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte-Carlo mean fusion over the hidden uptake values and the PET noise, on the model grid,
+    and the per-slice variance of that mean (mean over pixels of sample variance / draws)."""
+    sc = scene(spec)
+    total = total_sq = None
+    for j in range(draws):
+        r = np.random.default_rng([spec.seed, spec.case_index, 0xB0D, j])
+        anat = _redraw_hidden(sc.anatomy, r)
+        lesion = _redraw_hidden(sc.lesion, r) if sc.lesion is not None else None
+        painted = paint_case(anat, sc.grid, spec.weighting, lesion, sc.modic, copy.deepcopy(sc.rng))
+        if j == 0 and not np.array_equal(painted.mr, paint_case(sc.anatomy, sc.grid, spec.weighting, sc.lesion,
+                                                                 sc.modic, copy.deepcopy(sc.rng)).mr):
+            raise RuntimeError("re-painting changed the MR: a hidden value is not hidden")
+        suv = pet_acquire(painted.suv, sc.grid, sim.meta["pet_fwhm_mm"], sim.meta["pet_noise"], r)
+        f = torch.stack([_grid_unit(place, render_fusion(sim.mr[k], suv[k], t2_window=window))
+                         for k in range(spec.slices)]).double()
+        total = f if total is None else total + f
+        total_sq = f * f if total_sq is None else total_sq + f * f
+    mean = total / draws
+    var = (total_sq / draws - mean * mean) * draws / max(draws - 1, 1)
+    return mean.float(), var.clamp_min(0).mean(dim=(1, 2, 3)) / draws
+
+
+def score_case(spec, draws: int = 0) -> dict[str, list[float]]:
+    """Per-slice PSNR/SSIM of the ceiling, the floor and (draws > 0) the MR-only bound."""
     sim = simulate(spec)
     g = sim.grid
     sigma = sim.meta["pet_fwhm_mm"] / 2.3548
@@ -53,6 +96,11 @@ def score_case(spec) -> dict[str, list[float]]:
         m = imagemetrics.all_metrics(real_t, pred)
         out[f"{name}_psnr"] = np.ravel(m["psnr"]).tolist()
         out[f"{name}_ssim"] = np.ravel(m["ssim"]).tolist()
+    if draws > 0:
+        mean, var_of_mean = mmse_fusion(spec, sim, place, window, draws)
+        mse = ((mean.double() - real_t.double()) ** 2).mean(dim=(1, 2, 3)) - var_of_mean
+        out["bound_psnr"] = (-10 * torch.log10(mse.clamp_min(1e-10))).tolist()
+        out["bound_ssim"] = np.ravel(imagemetrics.all_metrics(real_t, mean)["ssim"]).tolist()
     return out
 
 
@@ -62,6 +110,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11, help="as given to `dicomnode phantom --seed`")
     ap.add_argument("--manifest", type=Path, help="data set manifest.json: score only the patients of --split")
     ap.add_argument("--split", default="test")
+    ap.add_argument("--draws", type=int, default=0, help="re-paintings per study for the MR-only bound (0: skip it)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args()
     specs = plan_cases(a.cases, a.seed)
@@ -69,13 +118,18 @@ def main() -> None:
         keep = set(json.loads(a.manifest.read_text())["splits"][a.split])
         specs = [s for s in specs if s.patient_id in keep]
     values: dict[str, list[float]] = {}
+    per_case = []
     for spec in specs:
-        for key, vals in score_case(spec).items():
+        scores = score_case(spec, a.draws)
+        per_case.append({"case": spec.case_id, "lesion": spec.lesion, "slices": spec.slices,
+                         **{key: round(float(np.mean(vals)), 3) for key, vals in scores.items()}})
+        for key, vals in scores.items():
             values.setdefault(key, []).extend(vals)
     result = {"cases": len(specs), "slices": len(values.get("ceiling_psnr", [])), "split": a.split if a.manifest else None,
               "metric_note": imagemetrics.METRIC_NOTE}
     for key, vals in values.items():
         result[key] = {"mean": round(float(np.mean(vals)), 3), "sd": round(float(np.std(vals)), 3)}
+    result["per_case"] = per_case  # means over each study's slices
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

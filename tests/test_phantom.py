@@ -181,6 +181,27 @@ def test_uptake_is_not_a_function_of_t2_signal():
     assert y.std() > 0.5  # uptake really varies between lesions
 
 
+def test_hidden_uptake_values_leave_the_mr_unchanged():
+    """The values listed as HIDDEN_UPTAKE change the PET and nothing the MR shows, and `scene` +
+    `paint_case` reproduce `simulate` (bench/bench_ceiling.py's MR-only bound relies on both)."""
+    import copy
+    import dataclasses
+
+    from dicomnode.phantom.anatomy import Anatomy, Lesion, paint_case
+    from dicomnode.phantom.generate import scene
+
+    spec = plan_cases(1, seed=5, lesion_fraction=1.0, min_matrix=64, max_matrix=64, min_slices=6, max_slices=6)[0]
+    sc = scene(spec)
+    same = paint_case(sc.anatomy, sc.grid, spec.weighting, sc.lesion, sc.modic, copy.deepcopy(sc.rng))
+    assert np.array_equal(same.suv, simulate(spec).suv_true)
+    rng = np.random.default_rng(0)
+    anat = dataclasses.replace(sc.anatomy, **{f: getattr(Anatomy.sample(rng), f) for f in Anatomy.HIDDEN_UPTAKE})
+    lesion = dataclasses.replace(sc.lesion, **{f: getattr(Lesion.sample(rng), f) for f in Lesion.HIDDEN_UPTAKE})
+    other = paint_case(anat, sc.grid, spec.weighting, lesion, sc.modic, copy.deepcopy(sc.rng))
+    assert np.array_equal(other.mr, same.mr)
+    assert np.abs(other.suv - same.suv).max() > 0.1
+
+
 def test_cli_phantom_with_preview(tmp_path):
     from typer.main import get_command
     from typer.testing import CliRunner

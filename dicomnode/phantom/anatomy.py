@@ -10,6 +10,7 @@ share one anatomy but carry independent values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -125,6 +126,8 @@ class Anatomy:
     belly: float  # distance from the front of the vertebral bodies to the anterior skin
     half_width: float  # lateral half width of the trunk
     heart_suv: float
+    # Drawn independently of everything the MR shows: no MR-only model can know them.
+    HIDDEN_UPTAKE: ClassVar[tuple[str, ...]] = ("marrow_suv", "muscle_suv", "bowel_suv", "heart_suv")
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "Anatomy":
@@ -196,6 +199,7 @@ class Lesion:
     epidural: tuple[float, ...] | None  # (ds, rs, rt, rx)
     abscess_suv: float
     seed: int
+    HIDDEN_UPTAKE: ClassVar[tuple[str, ...]] = ("suv_peak", "uptake_len", "uptake_shift", "abscess_suv")
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> "Lesion":

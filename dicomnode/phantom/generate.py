@@ -126,8 +126,20 @@ class Simulated:
     meta: dict
 
 
-def simulate(spec: CaseSpec) -> Simulated:
-    """Render one study's MR and PET volumes (no files)."""
+@dataclass
+class Scene:
+    """Everything drawn for one study before the scanners acquire it: the patient, the lesion,
+    the slice grid, and the generator state `paint_case` continues from."""
+
+    anatomy: Anatomy
+    lesion: Lesion | None
+    modic: bool
+    grid: SliceGrid
+    rng: np.random.Generator
+
+
+def scene(spec: CaseSpec) -> Scene:
+    """Draw one study's patient, lesion and field of view (no rendering)."""
     anat = Anatomy.sample(np.random.default_rng(spec.patient_seed))
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.case_index, 0x5EED]))
     lesion = Lesion.sample(rng) if spec.lesion else None
@@ -152,14 +164,21 @@ def simulate(spec: CaseSpec) -> Simulated:
         centre = (float(anat.centre_x(zc)) + float(rng.uniform(-3, 3)), y, zc)
     grid = SliceGrid(spec.orientation, spec.slices, spec.rows, spec.cols, round(pix, 6), round(pix, 6),
                      thickness, spacing, centre)
-    painted = paint_case(anat, grid, spec.weighting, lesion, modic, rng)
+    return Scene(anat, lesion, modic, grid, rng)
+
+
+def simulate(spec: CaseSpec) -> Simulated:
+    """Render one study's MR and PET volumes (no files)."""
+    sc = scene(spec)
+    rng = sc.rng
+    painted = paint_case(sc.anatomy, sc.grid, spec.weighting, sc.lesion, sc.modic, rng)
     fwhm, noise = float(rng.uniform(4.0, 6.0)), float(rng.uniform(0.10, 0.22))
-    suv = pet_acquire(painted.suv, grid, fwhm, noise, rng)
+    suv = pet_acquire(painted.suv, sc.grid, fwhm, noise, rng)
     gain, mr_noise = float(rng.uniform(800, 1700)), float(rng.uniform(0.015, 0.035))
-    mr = mr_acquire(painted.mr, grid, gain, mr_noise, rng)
-    meta = dict(painted.meta, pet_fwhm_mm=round(fwhm, 2), modic=modic,
-                uptake_true=round(lesion.suv_peak, 3) if lesion else None)
-    return Simulated(grid, mr, suv, painted.suv, painted.lesion_mask, meta)
+    mr = mr_acquire(painted.mr, sc.grid, gain, mr_noise, rng)
+    meta = dict(painted.meta, pet_fwhm_mm=round(fwhm, 2), pet_noise=noise, modic=sc.modic,
+                uptake_true=round(sc.lesion.suv_peak, 3) if sc.lesion else None)
+    return Simulated(sc.grid, mr, suv, painted.suv, painted.lesion_mask, meta)
 
 
 def _case_header(spec: CaseSpec, grid: SliceGrid) -> dict:
