@@ -136,3 +136,19 @@ def test_cli_evaluate_json(runs, capsys):
     assert {"psnr", "ssim", "mae", "mse"} <= set(out)
     assert all(set(out[k]) == {"mean", "sd"} for k in ("psnr", "ssim", "mae", "mse"))
     assert out["pipeline"]["steps"] == 2 and out["ablation"]["n"] == 0
+
+
+def test_lesion_weight_draws_lesion_studies_that_many_times_as_often():
+    from training.trainutil import Split, batches, lesion_weights
+
+    rows = [{"lesion": "1"}] * 10 + [{"lesion": "0"}] * 20 + [{"lesion": ""}] * 10  # "": not recorded
+    split = Split("train", torch.zeros(40, 1, 2, 2), torch.zeros(40, 3, 2, 2), rows, {})
+    assert lesion_weights(split, 1.0) is None  # plain shuffling, as before
+    with pytest.raises(ValueError):
+        lesion_weights(split, 0.0)
+    it = batches(40, 4, torch.Generator().manual_seed(0), lesion_weights(split, 3.0))
+    drawn = torch.cat([next(it) for _ in range(2500)])
+    ratio = (drawn < 10).float().mean().item() / 10 / ((drawn >= 10).float().mean().item() / 30)
+    assert 2.8 < ratio < 3.2  # per-pair rate of lesion pairs vs the others
+    plain = batches(40, 4, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat([next(plain) for _ in range(10)]).tolist()) == list(range(40))  # one epoch, each once

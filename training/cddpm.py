@@ -22,8 +22,8 @@ from dicomnode.engine.model import save_model
 from dicomnode.engine.nets import build_denoiser
 from training import plots
 from training.pix2pix import _preview_split, load_generator
-from training.trainutil import (CsvLog, autocast, batches, linear_decay, load_split, progress, resolve_device,
-                                save_checkpoint, seed_all)
+from training.trainutil import (CsvLog, autocast, batches, lesion_weights, linear_decay, load_split, progress,
+                                resolve_device, save_checkpoint, seed_all)
 
 FIELDS = ["step", "epoch", "lr", "loss", "loss_ema", "seconds"]
 
@@ -52,7 +52,7 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
           device: str = "auto", amp: bool = True, resume: bool = False, threads: int | None = None,
           log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250, limit: int | None = None,
           sample_steps: int = 8, sample_strength: float = 0.5, quiet: bool = False, stop_after: int | None = None,
-          name: str = "t2fs2petfusion", version: str | None = None) -> dict:
+          name: str = "t2fs2petfusion", version: str | None = None, lesion_weight: float = 1.0) -> dict:
     """Train (or resume) the cDDPM and export OUT/model; returns a summary."""
     if threads:
         torch.set_num_threads(threads)
@@ -81,7 +81,7 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
         step = state["step"]
     log = CsvLog(out / "log.csv", FIELDS, resume_step=step if resume else None)
     per_epoch = max(1, len(train_set) // batch_size)
-    it = batches(len(train_set), batch_size, torch.Generator().manual_seed(seed))
+    it = batches(len(train_set), batch_size, torch.Generator().manual_seed(seed), lesion_weights(train_set, lesion_weight))
     for _ in range(step):
         next(it)
     net.train()
@@ -138,10 +138,11 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
                                    "train_pairs_used": len(train_set), "split": "train"},
                           "pix2pix": {"checkpoint": str(pix2pix), "steps": p2p_state["step"],
                                       "batch_size": p2p_state.get("batch_size"), "seed": p2p_state.get("seed"),
+                                      "lesion_weight": p2p_state.get("lesion_weight", 1.0),
                                       "loss": "LSGAN + 100*L1", "optimizer": "Adam 2e-4 beta1 0.5, linear decay"},
                           "cddpm": {"steps": step, "batch_size": batch_size, "crop": crop, "lr": lr,
                                     "decay_start": decay_start, "ema_decay": ema_decay, "seed": seed,
-                                    "final_loss_ema": loss_ema},
+                                    "lesion_weight": lesion_weight, "final_loss_ema": loss_ema},
                           "device": str(dev)})
     return {"steps": step, "train_pairs": len(train_set), "loss": loss_v, "loss_ema": loss_ema,
             "model_dir": str(out / "model"), "version": card["version"]}
@@ -187,12 +188,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-steps", type=int, default=8, help="fast-sampler steps written to the card")
     ap.add_argument("--sample-strength", type=float, default=0.5, help="warm-start strength written to the card")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--lesion-weight", type=float, default=1.0,
+                    help="draw pairs of studies with a lesion this many times as often (pairs.csv lesion=1)")
     ap.add_argument("--version", help="model version string for the card")
     a = ap.parse_args(argv)
     res = train(a.data, a.pix2pix, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, crop=a.crop,
                 lr=a.lr, decay_start=a.decay_start, ema_decay=a.ema_decay, schedule=a.schedule, prediction=a.prediction,
                 timesteps=a.timesteps, seed=a.seed, device=a.device, amp=not a.no_amp, resume=a.resume,
                 stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
-                sample_steps=a.sample_steps, sample_strength=a.sample_strength, limit=a.limit, version=a.version)
+                sample_steps=a.sample_steps, sample_strength=a.sample_strength, limit=a.limit, version=a.version,
+                lesion_weight=a.lesion_weight)
     print(json.dumps(res))
     return 0

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from dicomnode.engine.nets import build_discriminator, build_generator, init_weights
 from training import plots
-from training.trainutil import (CsvLog, autocast, batches, linear_decay, load_split, progress, resolve_device,
-                                save_checkpoint, seed_all)
+from training.trainutil import (CsvLog, autocast, batches, lesion_weights, linear_decay, load_split, progress,
+                                resolve_device, save_checkpoint, seed_all)
 
 FIELDS = ["step", "epoch", "lr", "loss_d", "loss_g_gan", "loss_l1", "seconds"]
 
@@ -27,7 +27,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
           lr: float = 2e-4, beta1: float = 0.5, lambda_l1: float = 100.0, decay_start: float = 0.5,
           seed: int = 0, device: str = "auto", amp: bool = True, resume: bool = False,
           threads: int | None = None, log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250,
-          limit: int | None = None, quiet: bool = False, stop_after: int | None = None) -> dict:
+          limit: int | None = None, quiet: bool = False, stop_after: int | None = None,
+          lesion_weight: float = 1.0) -> dict:
     """Train (or resume) a Pix2Pix generator; returns a summary with the final losses."""
     if threads:
         torch.set_num_threads(threads)
@@ -57,7 +58,7 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
         step = state["step"]
     log = CsvLog(out / "log.csv", FIELDS, resume_step=step if resume else None)
     per_epoch = max(1, len(train_set) // batch_size)
-    it = batches(len(train_set), batch_size, gen)
+    it = batches(len(train_set), batch_size, gen, lesion_weights(train_set, lesion_weight))
     for _ in range(step):  # replay the seeded batch order so a resumed run sees the same data
         next(it)
     G.train(), D.train()
@@ -100,7 +101,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                                        "sched": [s.state_dict() for s in sched], "scaler": scaler.state_dict(),
                                        "rng": torch.get_rng_state(), "seed": seed,
-                                       "data": str(data), "train_pairs": len(train_set), "batch_size": batch_size})
+                                       "data": str(data), "train_pairs": len(train_set), "batch_size": batch_size,
+                                       "lesion_weight": lesion_weight})
             if step % sample_every == 0 or step == steps:
                 sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
                 G.train()
@@ -112,7 +114,7 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
         sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
     plots.loss_curves(out / "log.csv", out / "loss.png", ["loss_l1", "loss_d", "loss_g_gan"], title="Pix2Pix losses")
     return {"steps": step, "train_pairs": len(train_set), "epochs": round(step / per_epoch, 2), **last,
-            "checkpoint": str(ckpt)}
+            "lesion_weight": lesion_weight, "checkpoint": str(ckpt)}
 
 
 @torch.no_grad()
@@ -175,10 +177,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--sample-every", type=int, default=500)
     ap.add_argument("--limit", type=int, help="use at most this many training pairs")
+    ap.add_argument("--lesion-weight", type=float, default=1.0,
+                    help="draw pairs of studies with a lesion this many times as often (pairs.csv lesion=1)")
     a = ap.parse_args(argv)
     res = train(a.data, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                 lambda_l1=a.lambda_l1, decay_start=a.decay_start, seed=a.seed, device=a.device, amp=not a.no_amp,
                 resume=a.resume, stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
-                limit=a.limit)
+                limit=a.limit, lesion_weight=a.lesion_weight)
     print(json.dumps(res))
     return 0

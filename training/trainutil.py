@@ -106,10 +106,23 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(tmp, path)
 
 
-def batches(n: int, batch_size: int, gen: torch.Generator):
-    """Endless shuffled index batches (epoch after epoch), driven by a seeded generator."""
+def lesion_weights(split: Split, weight: float) -> torch.Tensor | None:
+    """Sampling weights that draw the pairs of studies with a lesion (pairs.csv `lesion` = 1)
+    `weight` times as often as the others; None (plain shuffling) for weight 1. Lesion slices are
+    a small minority, and a model that never sees enough of them learns to paint no uptake there."""
+    if weight <= 0:
+        raise ValueError(f"lesion weight must be positive, got {weight}")
+    if weight == 1.0:
+        return None
+    return torch.tensor([weight if str(r.get("lesion", "")) == "1" else 1.0 for r in split.rows], dtype=torch.float64)
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, weights: torch.Tensor | None = None):
+    """Endless index batches (epoch after epoch), driven by a seeded generator: each epoch is a
+    shuffle of all n items or, with `weights`, n draws with replacement in proportion to them."""
     while True:
-        perm = torch.randperm(n, generator=gen)
+        perm = (torch.randperm(n, generator=gen) if weights is None
+                else torch.multinomial(weights, n, replacement=True, generator=gen))
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
             yield perm[i:i + batch_size]
 
