@@ -19,9 +19,17 @@ on the model grid with the evaluation's metrics (dicomnode.imagemetrics):
   metric) is not bounded exactly: on a log scale, guessing the most common uptake can beat the
   average guess on some slices. Its SSIM bounds nothing.
 - typical (with --draws): a plain guess for comparison, the noise-free PET of the exact anatomy
-  with every hidden value at its prior median.
+  with every hidden value at its prior median;
+- model (with --model DIR): the model's own output for the re-simulated MR, prepared as the data
+  set is, with the card's sampler.
 
-    python bench/bench_ceiling.py --cases 100 --seed 11 --manifest DATA/manifest.json --split test --draws 32
+For studies with a lesion, each prediction is also scored inside the lesion mask (on the grid):
+`*_lesion_psnr`, and `*_lesion_bias`, the mean signed error there (negative: less uptake shown
+than in the real fusion). This asks the clinical question the whole-image PSNR hides: does the
+synthetic image show uptake where the infection is?
+
+    python bench/bench_ceiling.py --cases 100 --seed 11 --manifest DATA/manifest.json --split test \
+        --draws 16 --model models/t2fs2petfusion
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ import torch
 from scipy import ndimage
 
 from dicomnode import imagemetrics
-from dicomnode.engine.grid import GridPlacement
+from dicomnode.engine.grid import GridPlacement, normalize_series
+from dicomnode.engine.model import load_model
 from dicomnode.phantom.fusion import render_fusion
 from dicomnode.phantom.anatomy import Anatomy, Lesion, paint_case
 from dicomnode.phantom.generate import plan_cases, scene, simulate
@@ -99,8 +108,30 @@ def mmse_fusion(spec, sim, place: GridPlacement, window, draws: int) -> tuple[to
     return mean.float(), var.clamp_min(0).mean(dim=(1, 2, 3)) / draws
 
 
-def score_case(spec, draws: int = 0) -> dict[str, list[float]]:
-    """Per-slice PSNR/SSIM of the ceiling, the floor and (draws > 0) the MR-only bound."""
+def model_fusion(model, sim, place: GridPlacement, seed: int, batch_size: int = 4) -> torch.Tensor:
+    """The model's fusion of the simulated MR on the grid, in [0, 1], prepared as the data set is."""
+    mr = normalize_series(sim.mr)
+    batch = torch.from_numpy(np.stack([place.to_grid(s) for s in mr])[:, None])
+    out = [model.translate(batch[i:i + batch_size], seed=seed + i).rgb.float()
+           for i in range(0, len(batch), batch_size)]
+    return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+
+def lesion_scores(real: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per lesion slice (>= 16 lesion pixels on the grid): PSNR inside the lesion and the mean
+    signed error there (negative: the prediction shows less uptake than the real fusion)."""
+    psnr, bias = [], []
+    for r, p, m in zip(real, pred, mask):
+        if int(m.sum()) >= 16:
+            d = (p - r)[:, m]
+            psnr.append(float(-10 * torch.log10((d.double() ** 2).mean().clamp_min(1e-10))))
+            bias.append(float(d.mean()))
+    return psnr, bias
+
+
+def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
+    """Per-slice PSNR/SSIM/MSE of the ceiling, the floor, and (draws > 0) the typical guess and
+    the MR-only bound, and (with a model) of the model; the same inside the lesion, if any."""
     sim = simulate(spec)
     g = sim.grid
     clean = _blur(sim.suv_true, g, sim.meta["pet_fwhm_mm"])
@@ -116,9 +147,12 @@ def score_case(spec, draws: int = 0) -> dict[str, list[float]]:
                             for k in range(spec.slices)])
 
     real_t = fusion(sim.suv)
+    preds = {name: fusion(suv) for name, suv in pets.items()}
+    if model is not None:
+        preds["model"] = model_fusion(model, sim, place, seed=1000 * spec.case_index)
     out = {}
-    for name, suv in pets.items():
-        m = imagemetrics.all_metrics(real_t, fusion(suv))
+    for name, pred in preds.items():
+        m = imagemetrics.all_metrics(real_t, pred)
         for key in ("psnr", "ssim", "mse"):
             out[f"{name}_{key}"] = np.ravel(m[key]).tolist()
     if draws > 0:
@@ -127,6 +161,12 @@ def score_case(spec, draws: int = 0) -> dict[str, list[float]]:
         out["bound_psnr"] = (-10 * torch.log10(mse)).tolist()
         out["bound_ssim"] = np.ravel(imagemetrics.all_metrics(real_t, mean)["ssim"]).tolist()
         out["bound_mse"] = mse.tolist()
+        preds["bound"] = mean
+    if spec.lesion:
+        mask = torch.from_numpy(np.stack([place.to_grid(k.astype(np.float32), fill=0.0) > 0.5
+                                          for k in sim.lesion_mask]))
+        for name, pred in preds.items():
+            out[f"{name}_lesion_psnr"], out[f"{name}_lesion_bias"] = lesion_scores(real_t, pred, mask)
     return out
 
 
@@ -137,8 +177,12 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, help="data set manifest.json: score only the patients of --split")
     ap.add_argument("--split", default="test")
     ap.add_argument("--draws", type=int, default=0, help="re-paintings per study for the MR-only bound (0: skip it)")
+    ap.add_argument("--model", type=Path, help="also score this model directory on the re-simulated studies")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model, torch.device("cpu")) if a.model else None
     specs = plan_cases(a.cases, a.seed)
     if a.manifest:
         keep = set(json.loads(a.manifest.read_text())["splits"][a.split])
@@ -146,9 +190,9 @@ def main() -> None:
     values: dict[str, list[float]] = {}
     per_case = []
     for spec in specs:
-        scores = score_case(spec, a.draws)
+        scores = score_case(spec, a.draws, model)
         per_case.append({"case": spec.case_id, "lesion": spec.lesion, "slices": spec.slices,
-                         **{key: round(float(np.mean(vals)), 3) for key, vals in scores.items()}})
+                         **{key: round(float(np.mean(vals)), 3) for key, vals in scores.items() if vals}})
         for key, vals in scores.items():
             values.setdefault(key, []).extend(vals)
     result = {"cases": len(specs), "slices": len(values.get("ceiling_psnr", [])), "split": a.split if a.manifest else None,
