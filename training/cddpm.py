@@ -81,7 +81,8 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
         step = state["step"]
     log = CsvLog(out / "log.csv", FIELDS, resume_step=step if resume else None)
     per_epoch = max(1, len(train_set) // batch_size)
-    it = batches(len(train_set), batch_size, torch.Generator().manual_seed(seed), lesion_weights(train_set, lesion_weight))
+    it = batches(len(train_set), batch_size, torch.Generator().manual_seed(seed),
+                 lesion_weights(train_set, lesion_weight))
     for _ in range(step):
         next(it)
     net.train()

@@ -114,7 +114,8 @@ def lesion_weights(split: Split, weight: float) -> torch.Tensor | None:
         raise ValueError(f"lesion weight must be positive, got {weight}")
     if weight == 1.0:
         return None
-    return torch.tensor([weight if str(r.get("lesion", "")) == "1" else 1.0 for r in split.rows], dtype=torch.float64)
+    return torch.tensor([weight if str(r.get("lesion", "")) == "1" else 1.0 for r in split.rows],
+                        dtype=torch.float64)
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator, weights: torch.Tensor | None = None):
