@@ -46,7 +46,7 @@ class OrthancServer:
         routing = _orthanc_json(DEPLOY / "dicomnode.json")  # the shipped settings, pointed at this test
         routing["DicomModalities"]["dicomnode"][1:] = ["127.0.0.1", node_port]
         routing["LuaScripts"] = [str(DEPLOY / "dicomnode-route.lua")]
-        routing["StableAge"] = 1
+        routing["StableAge"] = 2  # seconds: the whole upload lands well within it
         (cfg / "dicomnode.json").write_text(json.dumps(routing))
         (cfg / "test.json").write_text(json.dumps({
             "Name": "dicomnode-test", "StorageDirectory": str(root / "orthanc-db"),
@@ -136,11 +136,15 @@ def test_orthanc_routes_to_dicomnode_and_receives_the_synthetic_series(tmp_path,
         assert tags["0008,0008"].startswith("DERIVED")
         assert "SYNTHETIC" in tags["0008,103e"].upper()
 
-        time.sleep(3)  # several StableAge periods: the derived series must not be routed back
+        deadline = time.time() + 30  # once Orthanc calls the derived series stable, the script has seen it
+        while not orthanc.get(f"/series/{derived['ID']}")["IsStable"]:
+            assert time.time() < deadline, "the derived series never became stable in Orthanc"
+            time.sleep(0.5)
+        time.sleep(1.5)  # time for a (wrong) send back to dicomnode to arrive
         body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
         assert _metric(body, 'dicomnode_instances_received_total{result="success"}') == len(files)
         assert len(orthanc.get(f"/studies/{study}/series")) == 2
-        assert "queued series" in orthanc.log_text()
+        assert orthanc.log_text().count("dicomnode-route: queued series") == 1  # the MR series only
     finally:
         node.send_signal(signal.SIGTERM)
         out, _ = node.communicate(timeout=60)
