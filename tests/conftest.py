@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,14 @@ def run(cmd: list[str], timeout: float = 60, check: bool = True) -> subprocess.C
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def wait_for_node(proc: subprocess.Popen, port: int, timeout: float = 60, calling_aet: str | None = None) -> None:
+    """Poll the node started as `proc` with DCMTK echoscu until it answers (it may be loading a model)."""
+    cmd = [dcmtk("echoscu"), *(["-aet", calling_aet] if calling_aet else []), "-aec", "DICOMNODE", "127.0.0.1",
+           str(port)]
+    deadline = time.time() + timeout
+    while run(cmd, check=False).returncode:
+        assert proc.poll() is None, "the node exited while starting"
+        assert time.time() < deadline, f"the node did not answer C-ECHO within {timeout} s"
+        time.sleep(0.2)

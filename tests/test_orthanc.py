@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dcmtk, free_port, run
+from conftest import free_port, wait_for_node
 from dicomfactory import make_series
 from nodehelpers import make_raw_config, write_toml
 from tinymodel import TINY_INFERENCE, make_tiny_model
@@ -112,11 +112,7 @@ def test_orthanc_routes_to_dicomnode_and_receives_the_synthetic_series(tmp_path,
                              str(write_toml(tmp_path / "node.toml", raw))],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 60  # Orthanc's send job does not retry: dicomnode must be listening
-        while run([dcmtk("echoscu"), "-aet", "PACS", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
-                  check=False).returncode:
-            assert node.poll() is None and time.time() < deadline, "dicomnode serve did not come up"
-            time.sleep(0.2)
+        wait_for_node(node, port, calling_aet="PACS")  # Orthanc's send job does not retry
         files = make_series(tmp_path / "in", slices=9, rows=48, cols=40, patient_name="ROUTED^PATIENT")
         ids = [orthanc.post_instance(p.read_bytes())["ID"] for p in files]
         study = orthanc.get(f"/instances/{ids[0]}/study")["ID"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dcmtk, free_port, run
+from conftest import dcmtk, free_port, run, wait_for_node
 from dicomfactory import make_series
 from nodehelpers import make_raw_config, write_toml
 
@@ -71,10 +71,7 @@ def test_prometheus_scrapes_serve_evaluates_the_rules_and_runs_the_dashboard_que
         return float(result[0]["value"][1]) if result else None
 
     try:
-        deadline = time.time() + 60
-        while run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=False).returncode:
-            assert node.poll() is None and time.time() < deadline, "serve did not come up"
-            time.sleep(0.2)
+        wait_for_node(node, port)
         files = make_series(tmp_path / "in", slices=9)
         run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
 

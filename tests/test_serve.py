@@ -1,7 +1,6 @@
 """`dicomnode serve` as a real process: starts from a TOML file, answers DCMTK, exposes /metrics,
 and stops cleanly on SIGTERM."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import dcmtk, free_port, run
+from conftest import dcmtk, free_port, run, wait_for_node
 from dicomfactory import make_series
 from nodehelpers import make_raw_config, write_toml
 
@@ -25,10 +24,7 @@ def test_serve_receives_exposes_metrics_and_stops_on_sigterm(tmp_path, port):
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(toml)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 30
-        while run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=False).returncode:
-            assert proc.poll() is None and time.time() < deadline, "serve did not come up"
-            time.sleep(0.2)
+        wait_for_node(proc, port, timeout=30)
         files = make_series(tmp_path / "in", slices=9, patient_name="SECRET^NAME")
         run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
         time.sleep(1.5)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dcmtk, free_port, run
+from conftest import dcmtk, free_port, run, wait_for_node
 from dicomfactory import make_series
 from nodehelpers import make_raw_config, write_toml
 from tinymodel import TINY_INFERENCE, make_tiny_model
@@ -81,10 +81,7 @@ def test_a_full_round_trip_uses_only_what_the_sandbox_allows(tmp_path, port):
                              "serve", "--config", str(write_toml(tmp_path / "node.toml", raw))],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=False).returncode:
-            assert node.poll() is None and time.time() < deadline, "serve did not come up under strace"
-            time.sleep(0.5)
+        wait_for_node(node, port, timeout=120)  # strace slows the start
         files = make_series(tmp_path / "in", slices=9, rows=48, cols=40)
         run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
         deadline = time.time() + 180
