@@ -36,14 +36,20 @@ def phantom(
     """Write synthetic sagittal T2FS MR + FDG PET + PET/T2FS fusion studies (paired phantom data)."""
     import time
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
     from dicomnode.phantom import generate
 
     if min_matrix > max_matrix or min_slices > max_slices:
         raise typer.BadParameter("a --min-* option exceeds its --max-* option")
     t0 = time.perf_counter()
-    records = generate(out_dir, cases, seed, lesion_fraction=lesion_fraction, min_matrix=min_matrix,
-                       max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices, preview=preview,
-                       jobs=jobs)
+    with Progress(TextColumn("[bold]phantom studies"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn()) as bar:
+        task = bar.add_task("studies", total=cases)
+        records = generate(out_dir, cases, seed, lesion_fraction=lesion_fraction, min_matrix=min_matrix,
+                           max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices, preview=preview,
+                           jobs=jobs, on_case=lambda _r: bar.advance(task))
     n_slices = sum(r["slices"] for r in records)
     typer.echo(f"{len(records)} studies, {len({r['patient_id'] for r in records})} patients, "
                f"{sum(r['lesion'] for r in records)} with lesion, {n_slices} slice pairs "
@@ -61,13 +67,14 @@ def infer(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     select_all: bool = typer.Option(False, "--all", help="Process every series, ignoring the selection rules."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                          help="A node.toml whose rules and inference sections apply."),
+                                          help="A node.toml whose \\[rules] and \\[inference] sections apply."),
 ) -> None:
     """Run select -> synthesise -> encode on files, offline (same engine as the node)."""
     import dataclasses
     import logging
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
 
     from dicomnode.config import Config, ConfigError, load_config
     from dicomnode.engine.model import ModelError
@@ -81,12 +88,14 @@ def infer(
         typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(2)
     inference = dataclasses.replace(cfg.inference, **{k: v for k, v in (("model", model), ("device", device)) if v})
+    _check_device(inference.device)
     try:
         synth = load_synthesizer(inference)
     except (ModelError, ValueError, RuntimeError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)
         raise typer.Exit(3)
-    with Progress(TextColumn("[bold]synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+    with Progress(TextColumn("[bold]synthesising slices"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn()) as bar:
         outcomes = run_infer(in_dir, out_dir, synth, rules=cfg.rules, select_all=select_all, png=png, progress=bar)
     for o in outcomes:
         state = (f"FAILED: {o.error}" if o.error else f"{o.outputs} images -> {o.output_dir}") if o.selected \
@@ -107,19 +116,34 @@ def demo(
     """Node on loopback + shipped model + phantom case + local PACS: prints previews, timings, metrics."""
     import logging
 
-    from dicomnode.demo import run_demo
+    from dicomnode.demo import RichStages, run_demo
     from dicomnode.engine.model import ModelError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    _check_device(device)
+    stages = RichStages()
     try:
-        run_demo(out, model=model, device=device, seed=seed, echo=typer.echo)
+        run_demo(out, model=model, device=device, seed=seed, echo=stages.print, stages=stages)
     except ModelError as exc:
-        typer.echo(f"cannot run the demo without a model: {exc}", err=True)
+        typer.echo(f"cannot load the model: {exc}", err=True)
         raise typer.Exit(3)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         typer.echo(f"demo failed: {exc}", err=True)
         raise typer.Exit(1)
+    finally:
+        stages.finish()
+
+
+def _check_device(device: str) -> None:
+    """--device must name a device this machine has: one sentence, not PyTorch's list of device types."""
+    from dicomnode.engine.synthesizer import DeviceError, pick_device
+
+    try:
+        pick_device(device)
+    except DeviceError as exc:
+        typer.echo(f"--device: {exc}", err=True)
+        raise typer.Exit(2)
 
 
 

@@ -21,6 +21,14 @@ TLS_CA_OPT = typer.Option(None, "--tls-ca", help="Use TLS, trusting this CA file
 
 rules_app = typer.Typer(help="Dry-run the selection rules.", no_args_is_help=True)
 queue_app = typer.Typer(help="Inspect and re-drive jobs in the journal.", no_args_is_help=True)
+config_app = typer.Typer(help="Check a node configuration before starting the node.", no_args_is_help=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise: the CLI never shows a traceback
+    for a user's mistake."""
+    typer.echo(message, err=True)
+    return typer.Exit(code)
 
 
 def _config(path: Path):
@@ -29,8 +37,16 @@ def _config(path: Path):
     try:
         return load_config(path)
     except ConfigError as exc:
-        typer.echo(f"config error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise fail(f"config error: {exc}", 2)
+
+
+def _runtime_checks(cfg) -> list[str]:
+    from .config import ConfigError
+
+    try:
+        return cfg.check_runtime()
+    except ConfigError as exc:
+        raise fail(f"config error: {exc}", 2)
 
 
 def _setup_logging(level: str) -> None:
@@ -44,34 +60,36 @@ def _load_processor(cfg):
     """The synthesiser named by [inference]; None when model = "none" (receive/select/dispatch only)."""
     if cfg.inference.model == "none":
         return None
-    try:
-        from .engine.synthesizer import load_synthesizer
-    except ImportError as exc:
-        raise RuntimeError("the inference engine is not part of this build yet; set [inference] model = \"none\" "
-                           f"to run the node without synthesis ({exc})") from None
+    from .engine.synthesizer import load_synthesizer
+
     return load_synthesizer(cfg.inference)
 
 
 def serve(config: Path = CONFIG_OPT) -> None:
     """Run the node: receive, assemble, select, synthesise and dispatch until stopped (SIGTERM/SIGINT)."""
-    from .node import Node
+    from .node import Node, StartError
 
     cfg = _config(config)
     _setup_logging(cfg.logging.level)
     log = logging.getLogger("dicomnode")
+    for warning in _runtime_checks(cfg):
+        log.warning("%s", warning)
     try:
         processor = _load_processor(cfg)
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         raise typer.Exit(3)
-    node = Node(cfg, processor)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        node = Node(cfg, processor)
         node.start()
-    except OSError as exc:
+    except StartError as exc:
         log.error("cannot start: %s", exc)
+        raise typer.Exit(1)
+    except OSError as exc:
+        log.error("cannot start: [node].storage_dir %s: %s", cfg.node.storage_dir, exc)
         raise typer.Exit(1)
     log.info("dicomnode serving (config %s)", cfg.source)
     stop.wait()
@@ -112,13 +130,9 @@ def send(
     """C-STORE files or folders to a DICOM peer, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from .net.scu import AssociationFailed, client_tls_context, collect_files, store_files
+    from .net.scu import AssociationFailed, client_tls_context, store_files
 
-    try:
-        files = collect_files(paths)
-    except FileNotFoundError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+    files = _files_or_exit(paths)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task("sending", total=len(files))
@@ -129,6 +143,8 @@ def send(
         except (AssociationFailed, OSError) as exc:
             typer.echo(f"send failed: {exc}", err=True)
             raise typer.Exit(1)
+    if report.failed and all(why.startswith("not a DICOM") for _, why in report.failed) and not report.stored:
+        raise fail(f"no DICOM Part 10 files among the {len(files)} file(s) in {', '.join(map(str, paths))}", 2)
     typer.echo(f"stored {report.stored} of {len(files)} ({report.warnings} with warnings)")
     for path, why in report.failed:
         typer.echo(f"  failed: {path}: {why}", err=True)
@@ -138,27 +154,38 @@ def send(
 @rules_app.command("test")
 def rules_test(
     paths: List[Path] = typer.Argument(..., help="Files or folders (searched recursively)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Use this config's [rules] (default: built-in)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Use this config's \\[rules] section (default: built-in rules)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per series."),
 ) -> None:
     """Dry-run the selection rules on files: per series, matched or not, which rule and why."""
     from .config import RulesConfig
-    from .net.scu import collect_files
     from .rules import evaluate_paths
 
     rules = _config(config).rules if config else RulesConfig()
-    try:
-        files = collect_files(paths)
-    except FileNotFoundError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+    files = _files_or_exit(paths)
     decisions = evaluate_paths(rules, files)
+    if not any(d.series_instance_uid for d in decisions):
+        reasons = "; ".join(d.reason for d in decisions[:3])
+        raise fail(f"no DICOM series in {', '.join(map(str, paths))} ({len(files)} file(s) read: {reasons})", 2)
     if as_json:
         typer.echo(json.dumps([d.as_dict() for d in decisions], indent=2))
         return
     for d in decisions:
         mark = "MATCH " if d.matched else "REJECT"
         typer.echo(f"{mark} {d.series_instance_uid or '-'} [{d.slices} slices] {d.description!r}\n       {d.reason}")
+
+
+def _files_or_exit(paths: List[Path]) -> List[Path]:
+    """The files under `paths`; a missing path or a search that finds no file ends the command."""
+    from .net.scu import collect_files
+
+    try:
+        files = collect_files(paths)
+    except FileNotFoundError as exc:
+        raise fail(str(exc), 2)
+    if not files:
+        raise fail(f"no files in {', '.join(map(str, paths))}", 2)
+    return files
 
 
 def _journal(config: Path):
@@ -178,6 +205,11 @@ def queue_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List jobs with their state, reason and per-destination delivery state."""
+    from .journal import STATES
+
+    unknown = [s for s in state or [] if s not in STATES]
+    if unknown:
+        raise fail(f"unknown state {unknown[0]!r}; the states are: {', '.join(STATES)}", 2)
     _, journal = _journal(config)
     jobs = journal.jobs(state or None)
     rows = []
@@ -190,6 +222,10 @@ def queue_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    if not rows:
+        typer.echo("no jobs" + (f" in state {', '.join(state)}" if state else ""))
+        return
+    typer.echo(f"{'job':>6} {'state':<11} {'updated':<19} series / deliveries")
     for r in rows:
         dl = ", ".join(f"{k}={v['state']}({v['attempts']})" for k, v in r["deliveries"].items())
         typer.echo(f"{r['id']:>6} {r['state']:<11} {r['updated']} {r['series_instance_uid']}"
@@ -235,7 +271,11 @@ def queue_purge(
     force: bool = typer.Option(False, "--force", help="Also remove jobs whose results are undelivered."),
 ) -> None:
     """Remove jobs (and their output files) from the journal."""
-    from .journal import ACTIVE_STATES
+    from .journal import ACTIVE_STATES, STATES
+
+    unknown = [s for s in state or [] if s not in STATES]
+    if unknown:
+        raise fail(f"unknown state {unknown[0]!r}; the states are: {', '.join(STATES)}", 2)
     from .retention import remove_job_files
     from .spool import Spool
 
@@ -275,11 +315,44 @@ def status(
             out["echo"] = False
     if as_json:
         typer.echo(json.dumps(out, indent=2))
-        return
-    for key, value in out.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items() if v)
-        typer.echo(f"{key:<24} {value}")
+    else:
+        for key, value in out.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items() if v)
+            typer.echo(f"{key:<24} {value}")
+    if ping and not out["echo"]:
+        raise fail(f"the node does not answer C-ECHO at {out['address']} as {cfg.node.ae_title}", 1)
+
+
+@config_app.command("check")
+def config_check(config: Path = CONFIG_OPT) -> None:
+    """Validate a config as `serve` would, without starting anything: keys and values, storage_dir,
+    destinations' host names and the model (card and checksums). Exit 0 when the node could start."""
+    cfg = _config(config)
+    warnings = _runtime_checks(cfg)
+    if cfg.inference.model != "none":
+        from .engine.model import ModelError, load_model
+        from .engine.synthesizer import pick_device, resolve_model
+
+        try:
+            device = pick_device(cfg.inference.device)
+        except ModelError as exc:
+            raise fail(f"config error: {cfg.source}: [inference].device: {exc}", 2)
+        try:
+            model_dir = resolve_model(cfg.inference.model)
+            version = load_model(model_dir, "cpu").version  # card, checksums and architecture
+        except ModelError as exc:
+            raise fail(f"config error: {cfg.source}: [inference].model: {exc}", 2)
+        model = f"{version} ({model_dir}) on {device}"
+    else:
+        model = "none (receive, select and dispatch only)"
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    node = cfg.node
+    typer.echo(f"{cfg.source}: OK\n  listens as {node.ae_title} on {node.host}:{node.port}"
+               f"{' (TLS)' if cfg.tls.enabled else ''}; storage {node.storage_dir}\n"
+               f"  destinations: {', '.join(f'{d.name} ({d.ae_title}@{d.host}:{d.port})' for d in cfg.destinations) or 'none'}\n"
+               f"  metrics: {f'{cfg.metrics.host}:{cfg.metrics.port}' if cfg.metrics.enabled else 'off'}; model: {model}")
 
 
 def _iso(t: float) -> str:
@@ -293,3 +366,4 @@ def register(app: typer.Typer) -> None:
     app.command()(status)
     app.add_typer(rules_app, name="rules")
     app.add_typer(queue_app, name="queue")
+    app.add_typer(config_app, name="config")

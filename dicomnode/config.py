@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -131,11 +134,12 @@ class DestinationConfig:
     ca_file: Path | None = None
 
     def validate(self, where: str) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name or ""):
-            raise ConfigError(f"{where}.name: required; letters, digits, '_', '.', '-'")
+        for key in ("name", "ae_title", "host"):
+            if not getattr(self, key):
+                raise ConfigError(f"{where}.{key}: missing (every destination needs name, ae_title and host)")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            raise ConfigError(f"{where}.name: letters, digits, '_', '.', '-' only, got {self.name!r}")
         _check_ae(self.ae_title, f"{where}.ae_title")
-        if not self.host:
-            raise ConfigError(f"{where}.host: required")
         _check_port(self.port, f"{where}.port")
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ConfigError(f"{where}.ca_file: no such file: {self.ca_file}")
@@ -193,7 +197,7 @@ class InferenceConfig:
     banner: bool = True
 
     def validate(self, where: str) -> None:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        if not DEVICE_RE.fullmatch(self.device):
             raise ConfigError(f"{where}.device: must be auto, cpu, cuda or cuda:N")
         if self.sampler not in ("fast", "ddpm"):
             raise ConfigError(f"{where}.sampler: must be 'fast' or 'ddpm'")
@@ -232,6 +236,23 @@ class Config:
     def journal_path(self) -> Path:
         return self.node.storage_dir / "journal.sqlite"
 
+    def check_runtime(self) -> list[str]:
+        """What `serve` needs of this machine beyond a well-formed file: a usable storage_dir and
+        resolvable destinations. Returns warnings; raises ConfigError for a node that cannot run."""
+        try:
+            problem = storage_dir_problem(self.node.storage_dir)
+            if problem:
+                raise ConfigError(f"[node].storage_dir: {problem}")
+            for i, dest in enumerate(self.destinations):
+                problem = host_problem(dest.host)
+                if problem:
+                    raise ConfigError(f"[[destinations]][{i}].host: {problem}")
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+        if not self.destinations:
+            return ["no [[destinations]] configured: synthetic series are made but sent nowhere"]
+        return []
+
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -254,6 +275,10 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config takes the node's TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return config_from_dict(raw, source=str(path), base_dir=path.parent)
@@ -332,3 +357,48 @@ def _check_positive(where: str, *names: str, obj: Any) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise ConfigError(f"{where}.{name}: must be > 0")
+
+
+VIRTUAL_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def storage_dir_problem(path: Path) -> str | None:
+    """Why the node could not keep its spool and journal at `path`, or None if it can.
+
+    The folder need not exist yet (serve creates it), but its nearest existing ancestor must be a
+    folder this user may write to."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if any(path == v or v in path.parents for v in VIRTUAL_FILESYSTEMS):
+        return f"{path} is on a kernel virtual file system, not storage"
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            return f"{probe} is a broken symbolic link"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path} is a file, not a folder" if probe == path else f"{path} cannot be created: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (f"{probe} is not writable by this user" if probe == path
+                else f"{path} cannot be created: {probe} is not writable by this user")
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            return f"{probe} is on a read-only file system"
+    except OSError as exc:
+        return f"{probe}: {exc.strerror}"
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    """None when `host` is an IP address or a name that resolves now."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"{host!r} is neither an IP address nor a resolvable host name ({getattr(exc, 'strerror', exc)})"
+    return None

@@ -30,9 +30,10 @@ BANNER_CROP = 0.10  # metrics skip the top 10 % of rows, where the SYNTHETIC ban
 class LocalSink:
     """A minimal storage SCP standing in for the PACS: stores SC images, notes when each arrived."""
 
-    def __init__(self, out_dir: Path, port: int = 0, ae_title: str = SINK_AET):
+    def __init__(self, out_dir: Path, port: int = 0, ae_title: str = SINK_AET, on_received=None):
         self.out_dir, self.ae_title = Path(out_dir), ae_title
         self.port = port or free_port()
+        self.on_received = on_received  # called with the path of each stored image
         self.received: list[tuple[float, Path]] = []
         self._cond = threading.Condition()
         self._server = None
@@ -45,6 +46,8 @@ class LocalSink:
         with self._cond:
             self.received.append((time.time(), path))
             self._cond.notify_all()
+        if self.on_received is not None:
+            self.on_received(path)
         return 0x0000
 
     def start(self) -> "LocalSink":
@@ -68,6 +71,60 @@ class LocalSink:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+class Stages:
+    """Reports the demo's stages as they happen; this base class stays silent (benchmarks, tests)."""
+
+    def start(self, name: str, total: int | None = None) -> None:
+        """A new stage begins (the previous one is finished); `total` items if countable."""
+
+    def update(self, completed: int) -> None:
+        """Items of the current stage done so far (may be called from another thread)."""
+
+    def finish(self) -> None:
+        """The last stage is finished."""
+
+
+class RichStages(Stages):
+    """One line per stage with a bar (or spinner) and its elapsed time (rich; thread-safe).
+    `print` writes a line above the bars while they run."""
+
+    def __init__(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.bar = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description:<46}"),
+                            BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.task = None
+        self.running = False
+
+    def print(self, message: str) -> None:
+        self.bar.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def start(self, name: str, total: int | None = None) -> None:
+        if not self.running:
+            self.bar.start()
+            self.running = True
+        self._close_task()
+        self.task = self.bar.add_task(name, total=total)
+
+    def update(self, completed: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=completed)
+
+    def _close_task(self) -> None:
+        if self.task is not None:
+            total = self.bar.tasks[self.task].total or 1
+            self.bar.update(self.task, total=total, completed=total)
+            self.bar.stop_task(self.task)
+            self.task = None
+
+    def finish(self) -> None:
+        self._close_task()
+        if self.running:
+            self.bar.stop()
+            self.running = False
 
 
 def free_port() -> int:
@@ -108,28 +165,49 @@ class DemoResult:
 
 
 def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = None, timeout: float = 600.0,
-             previews: bool = True, on_processing=None, rules: dict | None = None) -> DemoResult:
+             previews: bool = True, on_processing=None, rules: dict | None = None,
+             stages: Stages | None = None) -> DemoResult:
     """Send one phantom case through a fresh node into a local sink and collect the results."""
     from dicomnode.net.scu import store_files
     from dicomnode.node import Node
 
+    stages = stages or Stages()
+    n = len(case["mr"])
     for stale in ("node", "sink", "previews"):  # a fresh journal and sink per run
         shutil.rmtree(work / stale, ignore_errors=True)
-    sink = LocalSink(work / "sink").start()
+    sink = LocalSink(work / "sink", on_received=lambda _p: stages.update(len(sink.received))).start()
     cfg = demo_config(work, sink, cfg_inference, rules)
     node = Node(cfg, synthesizer, serve_metrics=False)
     node.start()
+    synthesizer.progress = None
     try:
+        stages.start(f"sending {n} MR slices to the node (C-STORE)", n)
         t0 = time.time()
         report = store_files([Path(p) for p in case["mr"]], "127.0.0.1", cfg.node.port, cfg.node.ae_title,
-                             calling_aet="DEMOSCU")
+                             calling_aet="DEMOSCU", on_progress=lambda *_a, c=iter(range(1, n + 1)): stages.update(next(c)))
         send_seconds = time.time() - t0
         if not report.ok:
             raise RuntimeError(f"the node refused {len(report.failed)} file(s): {report.failed[0][1]}")
         failed = lambda: any(j.state in ("failed", "ignored") for j in node.journal.jobs())  # noqa: E731
         if on_processing is not None:
             on_processing(node)
-        sink.wait_for(len(case["mr"]), timeout, give_up=failed)
+        stages.start("waiting for the series to complete")
+        deadline = time.time() + timeout
+        while not failed() and time.time() < deadline and \
+                not any(j.state not in ("received", "complete", "selected") for j in node.journal.jobs()):
+            time.sleep(0.05)
+
+        def on_slices(done: int, total: int) -> None:
+            if done == min(total, getattr(getattr(synthesizer, "settings", None), "batch_size", 1)):
+                stages.start("synthesising (Pix2Pix -> cDDPM), per slice", total)
+            stages.update(done)
+
+        synthesizer.progress = on_slices
+        sink.wait_for(1, max(0.0, deadline - time.time()), give_up=failed)
+        stages.start("receiving the synthetic series (local PACS)", n)
+        stages.update(len(sink.received))
+        sink.wait_for(n, max(0.0, deadline - time.time()), give_up=failed)
+        stages.finish()
         node.wait_idle(timeout=30)
         job = max((j for j in node.journal.jobs() if j.series_uid == case["mr_series_uid"]), key=lambda j: j.id)
         acked = max((t for t, _ in sink.received), default=None)
@@ -139,6 +217,8 @@ def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = N
         res = DemoResult(synthesizer.name, str(synthesizer.device), len(case["mr"]), (case["rows"], case["cols"]),
                          job.state, job.error or (job.reason if job.state == "ignored" else None), dict(job.timings), latency, send_seconds, received)
     finally:
+        synthesizer.progress = None
+        stages.finish()
         node.stop()
         sink.stop()
     if previews and received:
@@ -170,20 +250,23 @@ def _previews_and_metrics(case: dict, received: list[Path], out_dir: Path) -> tu
 
 
 def run_demo(out: Path, model: str = "default", device: str = "auto", seed: int = 7, rows: int = 320,
-             slices: int = 15, echo=print) -> DemoResult:
+             slices: int = 15, echo=print, stages: Stages | None = None) -> DemoResult:
     """The `dicomnode demo` command: load the shipped model, run one phantom case, report."""
     from dicomnode.config import InferenceConfig
     from dicomnode.engine.synthesizer import load_synthesizer
     from dicomnode.phantom import write_case
 
+    stages = stages or Stages()
     out = Path(out).resolve()
     t0 = time.time()
+    stages.start("loading the model")
     synth = load_synthesizer(InferenceConfig(model=model, device=device))
     echo(f"model {synth.name} on {synth.device} loaded in {time.time() - t0:.1f} s")
+    stages.start(f"making a phantom case ({slices} slices)")
     case = write_case(out / "phantom", seed, rows=rows, slices=slices, lesion=True)
     echo(f"phantom case: {len(case['mr'])} sagittal T2FS slices {case['rows']}x{case['cols']} "
          f"({case['vendor']}, lesion at {case['lesion_level']}) -> {out / 'phantom'}")
-    res = run_case(out, synth, case, {"model": model, "device": device})
+    res = run_case(out, synth, case, {"model": model, "device": device}, stages=stages)
     if res.job_state not in ("done", "sending") or len(res.received) != res.slices:
         raise RuntimeError(f"the job ended {res.job_state}: {res.job_error or 'not every result arrived'}")
     echo(f"synthetic series: {len(res.received)} Secondary Capture images received by the local PACS "

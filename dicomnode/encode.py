@@ -4,7 +4,7 @@ One single-frame RGB SC image per source slice, in the source study, in a new se
 are derived from the source UIDs and the model version, so sending the same result twice is
 idempotent at the PACS. Patient and study attributes are copied element by element (the person
 name keeps its original bytes), so Latin-1, UTF-8 and ISO 2022 names survive unchanged.
-No torch here: the daemon encodes in a process that need not load the model.
+No torch here: encoding needs only pydicom, highdicom, numpy and Pillow.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ through the journal; a `threading.Event` wakes a loop early when there is new wo
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -30,6 +31,15 @@ log = logging.getLogger("dicomnode.node")
 ASSEMBLER_TICK = 0.1
 WORKER_TICK = 0.5
 DISPATCH_TICK = 0.25
+
+
+class StartError(RuntimeError):
+    """The node cannot start; the message names the config key to change."""
+
+
+def _bind_error(what: str, key: str, host: str, port: int, exc: OSError) -> StartError:
+    reason = "already in use by another program" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    return StartError(f"{key}: cannot listen for {what} on {host}:{port}: {reason}")
 
 
 class _Loop(threading.Thread):
@@ -118,9 +128,20 @@ class Node:
         for loop in self._loops:
             loop.start()
         self._scheduler = start_scheduler(self.cfg.retention, self.journal, self.spool)
-        if self._serve_metrics:
-            self._metrics_server = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
-        self.scp.start()
+        node, metrics = self.cfg.node, self.cfg.metrics
+        try:
+            if self._serve_metrics:
+                try:
+                    self._metrics_server = self.metrics.serve(metrics.host, metrics.port)
+                except OSError as exc:
+                    raise _bind_error("Prometheus metrics", "[metrics].port", metrics.host, metrics.port, exc) from None
+            try:
+                self.scp.start()
+            except OSError as exc:
+                raise _bind_error("DICOM", "[node].port", node.host, node.port, exc) from None
+        except StartError:
+            self.stop()
+            raise
         self.metrics.up.set(1)
         return self
 

@@ -90,19 +90,28 @@ def run_infer(in_dir: Path, out_dir: Path, synthesizer, *, rules: RulesConfig | 
         log.warning("skipping unreadable file %s: %s", path, why)
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[SeriesOutcome] = []
-    task = progress.add_task("series", total=len(groups)) if progress is not None else None
     for uid, headers in groups.items():
         if select_all:
             selected, reason = True, "--all"
         else:
             decision = evaluate(rules or RulesConfig(), uid, headers)
             selected, reason = decision.matched, decision.reason
-        outcome = SeriesOutcome(uid, len(headers), selected, reason)
-        outcomes.append(outcome)
-        if selected:
-            _one_series(outcome, [Path(h.filename) for h in headers], out_dir, synthesizer, png)
+        outcomes.append(SeriesOutcome(uid, len(headers), selected, reason))
+    total = sum(o.slices for o in outcomes if o.selected)
+    task = progress.add_task("slices", total=total) if progress is not None else None
+    done = 0
+    for outcome in outcomes:
+        if not outcome.selected:
+            continue
+        if progress is not None:  # the bar follows the model slice by slice
+            synthesizer.progress = lambda n, _total, base=done: progress.update(task, completed=base + n)
+        try:
+            _one_series(outcome, [Path(h.filename) for h in groups[outcome.series_uid]], out_dir, synthesizer, png)
+        finally:
+            synthesizer.progress = None
+        done += outcome.slices
         if progress is not None:
-            progress.advance(task)
+            progress.update(task, completed=done)
     (out_dir / "infer.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=2) + "\n")
     return outcomes
 

@@ -19,7 +19,7 @@ from pydicom import dcmread
 from dicomnode.config import InferenceConfig
 from dicomnode.engine.model import ModelError
 from dicomnode.engine.preprocess import SeriesError
-from dicomnode.engine.synthesizer import (DEFAULT_MODEL, Settings, load_synthesizer, pick_device, resolve_model,
+from dicomnode.engine.synthesizer import (DEFAULT_MODEL, DeviceError, Settings, load_synthesizer, pick_device, resolve_model,
                                           settings_from)
 from dicomnode.phantom import write_case
 from tinymodel import TINY_INFERENCE, make_tiny_model, slice_location
@@ -68,11 +68,10 @@ def test_resolve_by_name_default_and_path(tiny, tmp_path, monkeypatch):
 
 def test_default_missing_names_every_place(tmp_path, monkeypatch):
     monkeypatch.setenv("DICOMNODE_MODELS", str(tmp_path))
-    monkeypatch.setattr("dicomnode.engine.synthesizer.SYSTEM_MODELS", tmp_path / "sys")
-    if (Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL / "model.json").exists():
-        pytest.skip("the shipped model is present in this checkout")
+    for name, sub in (("REPO_MODELS", "repo"), ("PREFIX_MODELS", "prefix"), ("SYSTEM_MODELS", "sys")):
+        monkeypatch.setattr(f"dicomnode.engine.synthesizer.{name}", tmp_path / sub)
     with pytest.raises(ModelError, match=rf"shipped model '{DEFAULT_MODEL}' not found.*{tmp_path}/{DEFAULT_MODEL}.*"
-                                         rf"models/{DEFAULT_MODEL}.*sys/{DEFAULT_MODEL}"):
+                                         rf"repo/{DEFAULT_MODEL}.*prefix/{DEFAULT_MODEL}.*sys/{DEFAULT_MODEL}"):
         load_synthesizer(InferenceConfig(model="default"))
 
 
@@ -80,8 +79,10 @@ def test_device_choice():
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="has no usable CUDA GPU"):
             pick_device("cuda:0")
+    with pytest.raises(DeviceError, match="not one of auto, cpu, cuda"):
+        pick_device("gpu")
 
 
 def test_corrupt_model_refused_at_load(tiny, tmp_path):

@@ -12,18 +12,19 @@ import gc
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from pydicom import Dataset
 
-from dicomnode.config import InferenceConfig
+from dicomnode.config import DEVICE_RE, InferenceConfig
 from dicomnode.encode import encode_series
 from dicomnode.engine import heap
 from dicomnode.engine.model import FusionModel, ModelError, load_model
@@ -33,14 +34,17 @@ from dicomnode.records import CompleteSeries, ProcessResult
 log = logging.getLogger("dicomnode.engine")
 
 DEFAULT_MODEL = "t2fs2petfusion"  # the shipped model's folder name; "default" resolves to it
+REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout or editable install
+PREFIX_MODELS = Path(sys.prefix) / "share" / "dicomnode" / "models"  # where `pip install .` puts models/
 SYSTEM_MODELS = Path("/usr/share/dicomnode/models")
 FAST_SAMPLERS = ("ddim", "dpmpp2m")
 
 
 def model_search_path() -> list[Path]:
-    """Where model names are looked up, in order: $DICOMNODE_MODELS, the repo's models/, the system."""
+    """Where model names are looked up, in order: $DICOMNODE_MODELS, the source tree's models/, the
+    installation's share/dicomnode/models (a wheel install), /usr/share/dicomnode/models."""
     dirs = [Path(p) for p in os.environ.get("DICOMNODE_MODELS", "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parents[2] / "models", SYSTEM_MODELS]
+    return list(dict.fromkeys(dirs + [REPO_MODELS, PREFIX_MODELS, SYSTEM_MODELS]))
 
 
 def resolve_model(model: str) -> Path:
@@ -63,13 +67,23 @@ def resolve_model(model: str) -> Path:
                      "Train/export one (docs/models.md), set DICOMNODE_MODELS, or give a folder path")
 
 
+class DeviceError(ValueError):
+    """The requested compute device is not valid or not present on this machine."""
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """auto = CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if not DEVICE_RE.fullmatch(device or ""):
+        raise DeviceError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} requested but this machine has no usable CUDA GPU "
+                              f"(PyTorch {torch.__version__}); use --device cpu or auto")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
     return dev
 
 
@@ -101,6 +115,9 @@ class Synthesizer:
         self.encode_options = encode_options or {}
         self.device = model.device
         self._lock = threading.Lock()
+        # Interactive commands (demo, infer) set this to follow a series slice by slice:
+        # called as progress(slices_done, slices_total) from the processing thread.
+        self.progress: Callable[[int, int], None] | None = None
 
     @property
     def version(self) -> str:
@@ -120,6 +137,8 @@ class Synthesizer:
                 res = self.model.translate(mr, refine=s.refine, sampler=s.sampler, steps=s.steps,
                                            strength=s.strength, seed=s.seed + start, samples=s.samples)
                 out.append(res.rgb.float().cpu().numpy())
+                if self.progress is not None:
+                    self.progress(min(start + s.batch_size, len(batch)), len(batch))
         return np.concatenate(out)
 
     def process(self, series: CompleteSeries | None, datasets: Sequence[Dataset | str | os.PathLike]) -> ProcessResult:

@@ -29,6 +29,15 @@ STATUS_CANNOT_UNDERSTAND = 0xC000  # bad or unsafe UIDs, undecodable header
 STATUS_PROCESSING_FAILURE = 0xC001  # unexpected failure, logged with its reason
 
 
+# (result source, diagnostic) of an A-ASSOCIATE-RJ -> what the log says (PS3.8 Table 9-21)
+REJECT_REASONS = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "too many associations (local limit exceeded)",
+}
+
+
 def preferred_transfer_syntaxes() -> list[str]:
     """Every transfer syntax pynetdicom knows, in the order the SCP prefers them.
 
@@ -148,7 +157,14 @@ class StoreSCP:
 
     def _on_rejected(self, event) -> None:
         assoc = event.assoc
-        log.warning("association rejected: calling AE %r from %s", assoc.requestor.ae_title, assoc.requestor.address)
+        rq, rj = assoc.requestor.primitive, assoc.acceptor.primitive
+        why = REJECT_REASONS.get((rj.result_source, rj.diagnostic), "") if rj is not None else ""
+        if why == "called AE title not recognised":
+            who = f"called AE {str(rq.called_ae_title).strip()!r} (this node is {self.cfg.node.ae_title!r})"
+        else:
+            who = f"calling AE {str(rq.calling_ae_title).strip()!r}" if rq is not None else "caller"
+        log.warning("association rejected (%s): %s from %s", why or "no reason given", who[:80],
+                    assoc.requestor.address)
         if self.metrics:
             self.metrics.associations_rejected.inc()
 

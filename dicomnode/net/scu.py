@@ -142,6 +142,9 @@ def _store_one(assoc, path: Path, report: StoreReport) -> None:
 def _why_not(assoc, host: str, port: int, called_aet: str) -> str:
     peer = f"{called_aet}@{host}:{port}"
     if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        if rj is not None and getattr(rj, "result", None) in (1, 2):
+            return f"association rejected by {peer}: {rj.reason_str} ({rj.result_str}, source: {rj.source_str})"
         return f"association rejected by {peer}"
     # pynetdicom reports a refused connection as an abort: say both
     return f"cannot associate with {peer} (connection refused, aborted or timed out)"

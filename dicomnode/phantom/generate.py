@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -262,18 +264,20 @@ def _write_spec_star(args) -> dict:
 
 def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: float = 0.5, min_matrix: int = 256,
              max_matrix: int = 512, min_slices: int = 12, max_slices: int = 20, preview: bool = False,
-             jobs: int = 1) -> list[dict]:
-    """Write `cases` studies and OUT_DIR/cases.json (plus OUT_DIR/preview.png with preview)."""
+             jobs: int = 1, on_case: Callable[[dict], None] | None = None) -> list[dict]:
+    """Write `cases` studies and OUT_DIR/cases.json (plus OUT_DIR/preview.png with preview);
+    `on_case(record)` is called as each study is written (for a progress bar)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = plan_cases(cases, seed, lesion_fraction, min_matrix, max_matrix, min_slices, max_slices)
     thumbs = set(range(min(len(specs), 8))) if preview else set()
     args = [(s, out, s.case_index in thumbs) for s in specs]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            records = list(pool.map(_write_spec_star, args, chunksize=1))
-    else:
-        records = [write_spec(*a) for a in args]
+    records = []
+    with ProcessPoolExecutor(jobs) if jobs > 1 else nullcontext() as pool:
+        for record in (pool.map(_write_spec_star, args, chunksize=1) if pool else map(_write_spec_star, args)):
+            records.append(record)
+            if on_case is not None:
+                on_case(record)
     pics = [r.pop("_thumb") for r in records if "_thumb" in r]
     for r in records:
         for key in ("mr", "pet", "fusion"):
