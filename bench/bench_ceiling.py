@@ -2,7 +2,7 @@
 
 The written fusion contains PET noise that no image-to-image model can predict from the MR. This
 re-simulates the phantom studies (same seed, so the same cases as `dicomnode phantom`) and scores,
-on the model grid with the evaluation's metrics (dicomnode.imagemetrics):
+on the model grid with the evaluation's metrics (dicomnode.tools.imagemetrics):
 
 - ceiling: fusion rendered from the noise-free PET (true uptake after the scanner blur) against
   the written fusion. It also knows every uptake value (heart, lesion, marrow), which a model has
@@ -44,13 +44,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from dicomnode import imagemetrics
-from dicomnode.engine.grid import GridPlacement, normalize_series
-from dicomnode.engine.model import load_model
-from dicomnode.phantom.fusion import render_fusion
-from dicomnode.phantom.anatomy import Anatomy, Lesion, paint_case
-from dicomnode.phantom.generate import plan_cases, scene, simulate
-from dicomnode.phantom.uptake import pet_acquire
+from dicomnode.infer.grid import GridPlacement, normalize_series
+from dicomnode.infer.model import load_model
+from dicomnode.tools import imagemetrics
+from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
+from dicomnode.tools.phantom.fusion import render_fusion
+from dicomnode.tools.phantom.generate import plan_cases, scene, simulate
+from dicomnode.tools.phantom.uptake import pet_acquire
 
 
 def _grid_unit(place: GridPlacement, rgb: np.ndarray) -> torch.Tensor:

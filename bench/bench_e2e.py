@@ -29,10 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicomnode.config import InferenceConfig  # noqa: E402
-from dicomnode.demo import run_case  # noqa: E402
-from dicomnode.engine.model import ModelError  # noqa: E402
-from dicomnode.engine.synthesizer import load_synthesizer  # noqa: E402
-from dicomnode.phantom import write_case  # noqa: E402
+from dicomnode.infer.model import ModelError  # noqa: E402
+from dicomnode.synthesize import load_synthesizer  # noqa: E402
+from dicomnode.tools.demo import run_case  # noqa: E402
+from dicomnode.tools.phantom import write_case  # noqa: E402
 
 
 def proc_status(key: str) -> float:
@@ -52,9 +52,9 @@ def reset_peak() -> None:
 
 def stand_in_model(path: Path) -> Path:
     """Random weights, shipped presets (pix2pix small + cddpm small), as models/t2fs2petfusion would be."""
-    from dicomnode.engine.diffusion import Diffusion
-    from dicomnode.engine.model import save_model
-    from dicomnode.engine.nets import build_denoiser, build_generator
+    from dicomnode.infer.diffusion import Diffusion
+    from dicomnode.infer.model import save_model
+    from dicomnode.infer.nets import build_denoiser, build_generator
 
     torch.manual_seed(0)
     save_model(path, build_generator("small").eval(), build_denoiser("small").eval(), pix2pix_preset="small",

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dicomnode.phantom import generate
+from dicomnode.tools.phantom import generate
 
 
 def main() -> None:

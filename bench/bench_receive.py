@@ -1,7 +1,8 @@
 """Receive throughput: DCMTK storescu -> dicomnode vs storescu -> DCMTK storescp, side by side.
 
 dicomnode fsyncs every instance (file, folder and journal) before it answers; DCMTK storescp
-(3.6.7) does not fsync, so the ratio includes the cost of durability as well as that of Python. Usage: python bench/bench_receive.py [--n 200] [--size 320]
+(3.6.7) does not fsync, so the ratio includes the cost of durability as well as that of Python.
+Usage: python bench/bench_receive.py [--n 200] [--size 320]
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomnode.engine.model import load_model  # noqa: E402
+from dicomnode.infer.model import load_model  # noqa: E402
 from training.evaluate import score, summarise  # noqa: E402
 from training.trainutil import load_split  # noqa: E402
 

@@ -36,10 +36,16 @@ def phantom(
     """Write synthetic sagittal T2FS MR + FDG PET + PET/T2FS fusion studies (paired phantom data)."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    from dicomnode.phantom import generate
+    from dicomnode.tools.phantom import generate
 
     if min_matrix > max_matrix or min_slices > max_slices:
         raise typer.BadParameter("a --min-* option exceeds its --max-* option")
@@ -73,27 +79,33 @@ def infer(
     import dataclasses
     import logging
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from dicomnode.config import Config, ConfigError, load_config
-    from dicomnode.engine.model import ModelError
-    from dicomnode.engine.synthesizer import load_synthesizer
-    from dicomnode.offline import run_infer
+    from dicomnode.infer.model import ModelError
+    from dicomnode.synthesize import load_synthesizer
+    from dicomnode.tools.offline import run_infer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config) if config else Config()
     except ConfigError as exc:
         typer.echo(f"config error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     inference = dataclasses.replace(cfg.inference, **{k: v for k, v in (("model", model), ("device", device)) if v})
     _check_device(inference.device)
     try:
         synth = load_synthesizer(inference)
     except (ModelError, ValueError, RuntimeError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     with Progress(TextColumn("[bold]synthesising slices"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn()) as bar:
         outcomes = run_infer(in_dir, out_dir, synth, rules=cfg.rules, select_all=select_all, png=png, progress=bar)
@@ -116,8 +128,9 @@ def demo(
     """Node on loopback + shipped model + phantom case + local PACS: prints previews, timings, metrics."""
     import logging
 
-    from dicomnode.demo import RichStages, run_demo
-    from dicomnode.engine.model import ModelError
+    from dicomnode.infer.model import ModelError
+    from dicomnode.node import ModelStartError
+    from dicomnode.tools.demo import RichStages, run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
@@ -125,25 +138,27 @@ def demo(
     stages = RichStages()
     try:
         run_demo(out, model=model, device=device, seed=seed, echo=stages.print, stages=stages)
-    except ModelError as exc:
+    except (ModelError, ModelStartError) as exc:
+        stages.finish()
         typer.echo(f"cannot load the model: {exc}", err=True)
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     except (RuntimeError, OSError) as exc:
+        stages.finish()
         typer.echo(f"demo failed: {exc}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     finally:
         stages.finish()
 
 
 def _check_device(device: str) -> None:
     """--device must name a device this machine has: one sentence, not PyTorch's list of device types."""
-    from dicomnode.engine.synthesizer import DeviceError, pick_device
+    from dicomnode.synthesize import DeviceError, pick_device
 
     try:
         pick_device(device)
     except DeviceError as exc:
         typer.echo(f"--device: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 

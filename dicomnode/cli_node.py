@@ -32,21 +32,21 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _config(path: Path):
-    from .config import ConfigError, load_config
+    from dicomnode.config import ConfigError, load_config
 
     try:
         return load_config(path)
     except ConfigError as exc:
-        raise fail(f"config error: {exc}", 2)
+        raise fail(f"config error: {exc}", 2) from None
 
 
 def _runtime_checks(cfg) -> list[str]:
-    from .config import ConfigError
+    from dicomnode.config import ConfigError
 
     try:
         return cfg.check_runtime()
     except ConfigError as exc:
-        raise fail(f"config error: {exc}", 2)
+        raise fail(f"config error: {exc}", 2) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -56,41 +56,35 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
-def _load_processor(cfg):
-    """The synthesiser named by [inference]; None when model = "none" (receive/select/dispatch only)."""
-    if cfg.inference.model == "none":
-        return None
-    from .engine.synthesizer import load_synthesizer
-
-    return load_synthesizer(cfg.inference)
-
-
 def serve(config: Path = CONFIG_OPT) -> None:
     """Run the node: receive, assemble, select, synthesise and dispatch until stopped (SIGTERM/SIGINT)."""
-    from .node import Node, StartError
+    from .journal import JournalError
+    from .node import ModelStartError, Node, StartError, Synthesis
 
     cfg = _config(config)
     _setup_logging(cfg.logging.level)
     log = logging.getLogger("dicomnode")
     for warning in _runtime_checks(cfg):
         log.warning("%s", warning)
-    try:
-        processor = _load_processor(cfg)
-    except Exception as exc:
-        log.error("cannot load the model: %s", exc)
-        raise typer.Exit(3)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    processor = Synthesis(cfg.inference) if cfg.inference.model != "none" else None
     try:
         node = Node(cfg, processor)
         node.start()
+    except ModelStartError as exc:
+        log.error("cannot load the model: %s", exc)
+        raise typer.Exit(3) from None
     except StartError as exc:
         log.error("cannot start: %s", exc)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
+    except JournalError as exc:
+        log.error("cannot start: %s", exc)
+        raise typer.Exit(1) from None
     except OSError as exc:
         log.error("cannot start: [node].storage_dir %s: %s", cfg.node.storage_dir, exc)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     log.info("dicomnode serving (config %s)", cfg.source)
     stop.wait()
     log.info("stopping")
@@ -106,14 +100,14 @@ def echo(
     tls_ca: Optional[Path] = TLS_CA_OPT,
 ) -> None:
     """C-ECHO a DICOM peer (exit 0 on success)."""
-    from .net.scu import AssociationFailed, client_tls_context
-    from .net.scu import echo as do_echo
+    from dicomnode.scu import AssociationFailed, client_tls_context
+    from dicomnode.scu import echo as do_echo
 
     try:
         status = do_echo(host, port, aec, aet, timeout, tls=client_tls_context(tls_ca) if tls_ca else None)
     except (AssociationFailed, OSError) as exc:
         typer.echo(f"C-ECHO failed: {exc}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     typer.echo(f"C-ECHO {aec}@{host}:{port}: status 0x{status:04X}")
     raise typer.Exit(0 if status == 0 else 1)
 
@@ -130,7 +124,7 @@ def send(
     """C-STORE files or folders to a DICOM peer, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from .net.scu import AssociationFailed, client_tls_context, store_files
+    from dicomnode.scu import AssociationFailed, client_tls_context, store_files
 
     files = _files_or_exit(paths)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -142,7 +136,7 @@ def send(
                                  on_progress=lambda *_: bar.advance(task))
         except (AssociationFailed, OSError) as exc:
             typer.echo(f"send failed: {exc}", err=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
     if report.failed and all(why.startswith("not a DICOM") for _, why in report.failed) and not report.stored:
         raise fail(f"no DICOM Part 10 files among the {len(files)} file(s) in {', '.join(map(str, paths))}", 2)
     typer.echo(f"stored {report.stored} of {len(files)} ({report.warnings} with warnings)")
@@ -154,12 +148,13 @@ def send(
 @rules_app.command("test")
 def rules_test(
     paths: List[Path] = typer.Argument(..., help="Files or folders (searched recursively)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Use this config's \\[rules] section (default: built-in rules)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="Use this config's \\[rules] section (default: built-in rules)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per series."),
 ) -> None:
     """Dry-run the selection rules on files: per series, matched or not, which rule and why."""
-    from .config import RulesConfig
-    from .rules import evaluate_paths
+    from dicomnode.config import RulesConfig
+    from dicomnode.rules import evaluate_paths
 
     rules = _config(config).rules if config else RulesConfig()
     files = _files_or_exit(paths)
@@ -177,19 +172,19 @@ def rules_test(
 
 def _files_or_exit(paths: List[Path]) -> List[Path]:
     """The files under `paths`; a missing path or a search that finds no file ends the command."""
-    from .net.scu import collect_files
+    from dicomnode.scu import collect_files
 
     try:
         files = collect_files(paths)
     except FileNotFoundError as exc:
-        raise fail(str(exc), 2)
+        raise fail(str(exc), 2) from None
     if not files:
         raise fail(f"no files in {', '.join(map(str, paths))}", 2)
     return files
 
 
 def _journal(config: Path):
-    from .journal import Journal
+    from dicomnode.journal import Journal
 
     cfg = _config(config)
     if not cfg.journal_path.exists():
@@ -205,7 +200,7 @@ def queue_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List jobs with their state, reason and per-destination delivery state."""
-    from .journal import STATES
+    from dicomnode.journal import STATES
 
     unknown = [s for s in state or [] if s not in STATES]
     if unknown:
@@ -242,7 +237,7 @@ def queue_retry(
     all_failed: bool = typer.Option(False, "--all-failed", help="Re-process every failed job."),
 ) -> None:
     """Re-drive jobs: dead-letter deliveries are queued again, failed jobs are processed again."""
-    from .journal import TransitionError
+    from dicomnode.journal import TransitionError
 
     _, journal = _journal(config)
     ids = list(job_ids or [])
@@ -271,13 +266,13 @@ def queue_purge(
     force: bool = typer.Option(False, "--force", help="Also remove jobs whose results are undelivered."),
 ) -> None:
     """Remove jobs (and their output files) from the journal."""
-    from .journal import ACTIVE_STATES, STATES
+    from dicomnode.journal import ACTIVE_STATES, STATES
 
     unknown = [s for s in state or [] if s not in STATES]
     if unknown:
         raise fail(f"unknown state {unknown[0]!r}; the states are: {', '.join(STATES)}", 2)
-    from .retention import remove_job_files
-    from .spool import Spool
+    from dicomnode.retention import remove_job_files
+    from dicomnode.spool import Spool
 
     cfg, journal = _journal(config)
     spool = Spool(cfg.node.storage_dir)
@@ -299,8 +294,9 @@ def status(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Summarise the node: jobs by state, deliveries, spool free space, and whether it answers C-ECHO."""
-    from .net.scu import AssociationFailed, echo as do_echo
-    from .spool import Spool
+    from dicomnode.scu import AssociationFailed
+    from dicomnode.scu import echo as do_echo
+    from dicomnode.spool import Spool
 
     cfg, journal = _journal(config)
     out = {"ae_title": cfg.node.ae_title, "address": f"{cfg.node.host}:{cfg.node.port}",
@@ -331,18 +327,18 @@ def config_check(config: Path = CONFIG_OPT) -> None:
     cfg = _config(config)
     warnings = _runtime_checks(cfg)
     if cfg.inference.model != "none":
-        from .engine.model import ModelError, load_model
-        from .engine.synthesizer import pick_device, resolve_model
+        from dicomnode.infer.model import ModelError, load_model
+        from dicomnode.synthesize import pick_device, resolve_model
 
         try:
             device = pick_device(cfg.inference.device)
         except ModelError as exc:
-            raise fail(f"config error: {cfg.source}: [inference].device: {exc}", 2)
+            raise fail(f"config error: {cfg.source}: [inference].device: {exc}", 2) from None
         try:
             model_dir = resolve_model(cfg.inference.model)
             version = load_model(model_dir, "cpu").version  # card, checksums and architecture
         except ModelError as exc:
-            raise fail(f"config error: {cfg.source}: [inference].model: {exc}", 2)
+            raise fail(f"config error: {cfg.source}: [inference].model: {exc}", 2) from None
         model = f"{version} ({model_dir}) on {device}"
     else:
         model = "none (receive, select and dispatch only)"

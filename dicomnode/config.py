@@ -193,7 +193,9 @@ class InferenceConfig:
     samples: int | None = None  # samples averaged per slice (their SD is the uncertainty)
     seed: int = 0
     batch_size: int = 1  # slices per forward pass; the K samples of a slice already form a batch
-    timeout_seconds: float = 600.0
+    timeout_seconds: float = 600.0  # watchdog per job: the inference process is killed and restarted
+    crash_retries: int = 1  # a job whose inference process dies is retried this often, then fails
+    start_timeout_seconds: float = 600.0  # for the inference process to load the model
     banner: bool = True
 
     def validate(self, where: str) -> None:
@@ -206,7 +208,9 @@ class InferenceConfig:
                 raise ConfigError(f"{where}.{key}: must be >= 1")
         if self.warm_start is not None and not 0.0 < self.warm_start <= 1.0:
             raise ConfigError(f"{where}.warm_start: must be in (0, 1]")
-        _check_positive(where, "timeout_seconds", obj=self)
+        _check_positive(where, "timeout_seconds", "start_timeout_seconds", obj=self)
+        if self.crash_retries < 0:
+            raise ConfigError(f"{where}.crash_retries: must be >= 0")
 
 
 @dataclass

@@ -13,9 +13,9 @@ import random
 import time
 from pathlib import Path
 
-from .config import Config, DestinationConfig
-from .journal import Delivery, Journal
-from .net.scu import AssociationFailed, client_tls_context, collect_files, store_files
+from dicomnode.config import Config, DestinationConfig
+from dicomnode.journal import Delivery, Journal
+from dicomnode.scu import AssociationFailed, client_tls_context, collect_files, store_files
 
 log = logging.getLogger("dicomnode.dispatch")
 

@@ -8,31 +8,48 @@ insert is committed before the handler returns success.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
 
+class JobState(enum.StrEnum):
+    """A job's state; compares equal to its string value (as stored in SQLite)."""
+
+    RECEIVED = "received"
+    COMPLETE = "complete"
+    SELECTED = "selected"
+    IGNORED = "ignored"
+    PROCESSING = "processing"
+    ENCODED = "encoded"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD_LETTER = "dead_letter"
+
+
+S = JobState
 # The job state machine. Terminal states: done, ignored, failed, dead_letter (failed and
 # dead_letter can be re-driven by `dicomnode queue retry`).
-TRANSITIONS: dict[str, set[str]] = {
-    "received": {"complete"},
-    "complete": {"selected", "ignored", "failed"},
-    "selected": {"processing", "failed"},
-    "processing": {"encoded", "failed", "selected"},  # selected: recovered after a crash
-    "encoded": {"sending", "done"},
-    "sending": {"done", "dead_letter"},
-    "done": set(),
-    "ignored": set(),
-    "failed": {"selected"},
-    "dead_letter": {"sending"},
+TRANSITIONS: dict[JobState, set[JobState]] = {
+    S.RECEIVED: {S.COMPLETE},
+    S.COMPLETE: {S.SELECTED, S.IGNORED, S.FAILED},
+    S.SELECTED: {S.PROCESSING, S.FAILED},
+    S.PROCESSING: {S.ENCODED, S.FAILED, S.SELECTED},  # selected: recovered after a crash, or retried
+    S.ENCODED: {S.SENDING, S.DONE},
+    S.SENDING: {S.DONE, S.DEAD_LETTER},
+    S.DONE: set(),
+    S.IGNORED: set(),
+    S.FAILED: {S.SELECTED},
+    S.DEAD_LETTER: {S.SENDING},
 }
-STATES = tuple(TRANSITIONS)
+STATES = tuple(s.value for s in JobState)
 ACTIVE_STATES = ("received", "complete", "selected", "processing", "encoded", "sending")
 
 _SCHEMA = """
@@ -94,6 +111,28 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+def _baseline(db: sqlite3.Connection) -> None:
+    """Schema 1: the tables as first released (a no-op on a journal that already has them)."""
+    for statement in filter(str.strip, _SCHEMA.split(";")):
+        db.execute(statement)
+    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '1')")
+
+
+def _job_attempts(db: sqlite3.Connection) -> None:
+    """Schema 2: how often a job's inference process crashed (for [inference] crash_retries)."""
+    db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+
+
+# Ordered migrations: MIGRATIONS[i] takes a journal from schema i to i + 1. PRAGMA user_version
+# holds the schema number. Append only; never edit a released migration.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_baseline, _job_attempts)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be used by this version of dicomnode."""
+
+
 class TransitionError(RuntimeError):
     pass
 
@@ -117,11 +156,13 @@ class Job:
     outputs: int | None
     timings: dict[str, float]
     purged_at: float | None
+    attempts: int = 0
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
         d = dict(row)
         d["timings"] = json.loads(d["timings"]) if d["timings"] else {}
+        d["state"] = JobState(d["state"])
         return cls(**d)
 
 
@@ -159,11 +200,24 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._series_locks: dict[str, threading.Lock] = {}
+        self._series_locks: dict[str, list] = {}  # series UID -> [lock, holders]; pruned when unheld
         self._series_locks_guard = threading.Lock()
-        self.db.executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+        self.migrate()
+
+    def migrate(self) -> int:
+        """Bring the journal to SCHEMA_VERSION (each migration in its own transaction); refuse a
+        journal written by a newer dicomnode. Returns the schema version found."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            found = db.execute("PRAGMA user_version").fetchone()[0]
+            if found > SCHEMA_VERSION:
+                raise JournalError(f"{self.path} has journal schema {found}, newer than this dicomnode's "
+                                   f"({SCHEMA_VERSION}); upgrade dicomnode, or use another storage_dir")
+        for version in range(found, SCHEMA_VERSION):
+            with self._tx() as db:
+                MIGRATIONS[version](db)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(version + 1),))
+        return found
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
@@ -218,10 +272,22 @@ class Journal:
             conn.close()
             self._local.conn = None
 
-    def series_lock(self, series_uid: str) -> threading.Lock:
-        """Serialises storing an instance of a series with removing that series' files."""
+    @contextlib.contextmanager
+    def series_lock(self, series_uid: str) -> Iterator[None]:
+        """Serialises storing an instance of a series with removing that series' files. A lock
+        lives only while someone holds or waits for it, so the table stays as small as the
+        number of series being worked on at once."""
         with self._series_locks_guard:
-            return self._series_locks.setdefault(series_uid, threading.Lock())
+            entry = self._series_locks.setdefault(series_uid, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._series_locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._series_locks[series_uid]
 
     def _event(self, db: sqlite3.Connection, job_id: int | None, kind: str, detail: str | None = None) -> None:
         db.execute("INSERT INTO events(at, job_id, kind, detail) VALUES (?, ?, ?, ?)", (time.time(), job_id, kind, detail))

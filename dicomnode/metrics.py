@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from .journal import Journal
-    from .spool import Spool
+    from dicomnode.journal import Journal
+    from dicomnode.spool import Spool
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -56,6 +56,8 @@ class Metrics:
                                        buckets=STAGE_BUCKETS)
         self.deliveries = Counter("dicomnode_delivery_attempts", "Delivery attempts", ["destination", "result"],
                                   registry=r)
+        self.inference_restarts = Counter("dicomnode_inference_restarts", "Inference process restarts, by reason "
+                                          "(crash: it died; timeout: the watchdog killed it)", ["reason"], registry=r)
         self.up = Gauge("dicomnode_up", "1 while the node is serving", registry=r)
         if journal is not None and spool is not None:
             r.register(_JournalCollector(journal, spool))

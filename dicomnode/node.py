@@ -1,10 +1,11 @@
 """The node: the one place that knows every stage and wires them from the config.
 
-receive (net.scp) -> spool + journal -> series (completion) -> rules (selection)
--> pipeline.Worker (processor: synthesise + encode) -> dispatch
+receive -> spool + journal -> assemble (completion) -> selection (rules)
+-> process (inference + encoding, in the inference process) -> dispatch
 
 Each stage after the receiver runs in its own loop thread and talks to the others only
-through the journal; a `threading.Event` wakes a loop early when there is new work.
+through the journal; a `threading.Event` wakes a loop early when there is new work. The
+processor itself (the model) lives in a separate process (`dicomnode.process`).
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import errno
 import logging
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from .config import Config
-from .dispatch import Dispatcher
-from .journal import Journal
-from .metrics import Metrics
-from .net.scp import StoreSCP
-from .pipeline import Selector, Worker
-from .records import Processor
-from .retention import start_scheduler
-from .series import Assembler
-from .spool import Spool
+from dicomnode.assemble import Assembler
+from dicomnode.config import Config, InferenceConfig
+from dicomnode.dispatch import Dispatcher
+from dicomnode.journal import JobState, Journal
+from dicomnode.metrics import Metrics
+from dicomnode.process import InferenceCrashed, InferenceProcess, ProcessStage
+from dicomnode.receive import StoreSCP
+from dicomnode.retention import start_scheduler
+from dicomnode.selection import Selector
+from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.node")
 
@@ -35,6 +37,23 @@ DISPATCH_TICK = 0.25
 
 class StartError(RuntimeError):
     """The node cannot start; the message names the config key to change."""
+
+
+class ModelStartError(StartError):
+    """The inference process could not build its processor (load the model)."""
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    """The processor `serve` runs: a picklable recipe that loads the model named by [inference]
+    inside the inference process (the node's own process never imports torch)."""
+
+    inference: InferenceConfig
+
+    def __call__(self):
+        from dicomnode.synthesize import load_synthesizer
+
+        return load_synthesizer(self.inference)
 
 
 def _bind_error(what: str, key: str, host: str, port: int, exc: OSError) -> StartError:
@@ -63,16 +82,23 @@ class _Loop(threading.Thread):
 
 
 class Node:
-    def __init__(self, cfg: Config, processor: Processor | None = None, *, serve_metrics: bool = True):
+    """`processor`: None (receive, select and dispatch only), a picklable Processor, or a picklable
+    factory that builds one (e.g. `Synthesis`); it runs in the inference process."""
+
+    def __init__(self, cfg: Config, processor: Any = None, *, serve_metrics: bool = True,
+                 on_progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
         self.spool = Spool(cfg.node.storage_dir)
         self.journal = Journal(cfg.journal_path)
         self.metrics = Metrics(self.journal, self.spool)
-        self.processor = processor
         self.scp = StoreSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored)
         self.assembler = Assembler(cfg.series, self.journal, self.metrics)
-        self.selector = Selector(cfg, self.journal, self.metrics)
-        self.worker = Worker(cfg, self.journal, self.spool, processor, self.metrics) if processor else None
+        self.selector = Selector(cfg.rules, self.journal, self.metrics)
+        self.engine = InferenceProcess(processor, start_timeout=cfg.inference.start_timeout_seconds,
+                                       on_progress=on_progress, on_restart=self._on_engine_restart) \
+            if processor is not None else None
+        self.worker = ProcessStage(cfg.inference, self.journal, self.spool, self.engine,
+                                   [d.name for d in cfg.destinations], self.metrics) if self.engine else None
         self.dispatcher = Dispatcher(cfg, self.journal, self.metrics)
         self._serve_metrics = serve_metrics and cfg.metrics.enabled
         self._stop = threading.Event()
@@ -88,19 +114,23 @@ class Node:
                 self.selector.select(job)
             except Exception as exc:  # one malformed series must not stall selection of the others
                 log.exception("job %d: selection failed", job.id)
-                self.journal.transition(job.id, "failed", expect="complete", error=f"selection: {exc}"[:2000])
+                self.journal.transition(job.id, JobState.FAILED, expect=JobState.COMPLETE,
+                                        error=f"selection: {exc}"[:2000])
             self._wake("worker")
         return bool(completed)
 
     def _work_step(self) -> bool:
         if self.worker is None:
             return False
-        jobs = self.journal.jobs(["selected"], limit=1)
-        if not jobs or self.worker.blocked():
+        jobs = self.journal.jobs([JobState.SELECTED], limit=1)
+        if not jobs or self._stop.is_set():
             return False
-        if self.worker.process(jobs[0]) == "sending":
+        if self.worker.process(jobs[0]) == JobState.SENDING:
             self._wake("dispatcher")
         return True
+
+    def _on_engine_restart(self, reason: str) -> None:
+        self.metrics.inference_restarts.labels(reason).inc()
 
     def _dispatch_step(self) -> bool:
         return self.dispatcher.run_due() > 0
@@ -118,8 +148,13 @@ class Node:
         recovered = self.journal.recover([d.name for d in self.cfg.destinations])
         if recovered:
             log.warning("re-queued %d job(s) interrupted by a restart", len(recovered))
-        if self.worker is None:
+        if self.engine is None:
             log.warning("no synthesiser loaded: selected series wait in the queue until one is configured")
+        else:
+            try:  # the model is loaded before the node listens, as an operator expects of a started node
+                self.engine.start(wait_ready=True)
+            except InferenceCrashed as exc:
+                raise ModelStartError(str(exc)) from None
         self._loops = [
             _Loop("assembler", self._assemble_step, ASSEMBLER_TICK, self._stop),
             _Loop("worker", self._work_step, WORKER_TICK, self._stop),
@@ -159,8 +194,8 @@ class Node:
             server, thread = self._metrics_server
             server.shutdown()
             server.server_close()
-        if self.worker is not None:
-            self.worker.close()
+        if self.engine is not None:
+            self.engine.stop()
         self.journal.close()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:

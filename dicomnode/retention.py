@@ -11,9 +11,9 @@ import logging
 import time
 from pathlib import Path
 
-from .config import RetentionConfig
-from .journal import Job, Journal
-from .spool import Spool
+from dicomnode.config import RetentionConfig
+from dicomnode.journal import Job, Journal
+from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.retention")
 

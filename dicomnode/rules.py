@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from pydicom import Dataset, dcmread
 
-from .config import RulesConfig
+from dicomnode.config import RulesConfig
 
 RULE_NAME = "sagittal-t2-fatsat"
 T2_RE = re.compile(r"(?i)(t2|\bfse\b|\btse\b.*\b(fs|spair|spir)\b)")

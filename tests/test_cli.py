@@ -1,14 +1,14 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import dcmtk, run
 from dicomfactory import make_series
-from dicomnode.cli import app
-from dicomnode.node import Node
 from nodehelpers import make_raw_config, write_toml
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
 from dicomnode.config import config_from_dict
+from dicomnode.node import Node
 
 COMMANDS = [[], ["serve"], ["echo"], ["send"], ["status"], ["rules"], ["rules", "test"], ["queue"],
             ["queue", "list"], ["queue", "retry"], ["queue", "purge"]]
@@ -24,7 +24,7 @@ def test_help_everywhere(cmd):
 def test_echo_send_and_status_against_a_running_node(tmp_path, port):
     raw = make_raw_config(tmp_path, port)
     toml = write_toml(tmp_path / "node.toml", raw)
-    files = make_series(tmp_path / "in", slices=5)
+    make_series(tmp_path / "in", slices=5)
     with Node(config_from_dict(raw)) as node:
         r = CliRunner().invoke(app, ["echo", "127.0.0.1", str(port), "--aec", "DICOMNODE"])
         assert r.exit_code == 0 and "0x0000" in r.output
@@ -42,7 +42,7 @@ def test_send_to_a_dcmtk_storescp(tmp_path, port):
     import subprocess
     import time
 
-    files = make_series(tmp_path / "in", slices=3)
+    make_series(tmp_path / "in", slices=3)
     (tmp_path / "sink").mkdir()
     proc = subprocess.Popen([dcmtk("storescp"), "-od", str(tmp_path / "sink"), str(port)])
     try:

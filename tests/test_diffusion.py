@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dicomnode.engine.diffusion import EMA, SAMPLERS, Diffusion, make_betas
-from dicomnode.engine.nets import build_denoiser
+from dicomnode.infer.diffusion import EMA, SAMPLERS, Diffusion, make_betas
+from dicomnode.infer.nets import build_denoiser
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

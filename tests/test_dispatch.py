@@ -6,16 +6,16 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import dcmtk, free_port, run
 from dicomfactory import make_series
+from doubles import CopyProcessor
+from nodehelpers import make_raw_config, write_toml
+from typer.testing import CliRunner
+
 from dicomnode.cli import app
 from dicomnode.config import config_from_dict
 from dicomnode.dispatch import backoff_delay
 from dicomnode.node import Node
-from doubles import CopyProcessor
-from nodehelpers import make_raw_config, write_toml
 
 pytestmark = pytest.mark.integration
 
@@ -122,13 +122,14 @@ def test_dead_letter_then_queue_retry(tmp_path, port, sink):
 
 def test_failed_processing_is_recorded_and_can_be_retried(tmp_path, port, sink):
     toml, cfg = setup(tmp_path, port, sink)
-    processor = CopyProcessor(fail=True)
-    with Node(cfg, processor) as node:
+    failing = tmp_path / "fail-while-this-exists"
+    failing.touch()
+    with Node(cfg, CopyProcessor(fail_while=failing)) as node:
         send_series(port, tmp_path, slices=8)
         assert wait_for(lambda: node.journal.jobs() and node.journal.jobs()[0].state == "failed", 15)
         assert "test double asked to fail" in node.journal.jobs()[0].error
         run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)])  # still serving
-        processor.fail = False
+        failing.unlink()
         sink.start()
         assert CliRunner().invoke(app, ["queue", "retry", "--config", str(toml), "--all-failed"]).exit_code == 0
         assert wait_for(lambda: node.journal.jobs()[0].state == "done", 15)

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dcmtk, free_port, run
+from nodehelpers import make_raw_config
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
+from tinymodel import TINY_INFERENCE, make_tiny_model, rotate_series, slice_location
 
-from conftest import dcmtk, free_port, run
 from dicomnode.config import InferenceConfig, config_from_dict
 from dicomnode.encode import instance_uid, series_uid
-from dicomnode.engine.synthesizer import load_synthesizer
-from dicomnode.node import Node
-from dicomnode.phantom import write_case
+from dicomnode.node import Node, Synthesis
 from dicomnode.spool import Spool
-from nodehelpers import make_raw_config
-from tinymodel import TINY_INFERENCE, make_tiny_model, rotate_series, slice_location
+from dicomnode.synthesize import load_synthesizer
+from dicomnode.tools.phantom import write_case
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,7 @@ def world(tmp_path_factory):
     synth = load_synthesizer(InferenceConfig(**inference))
     cases = {}
     try:
-        with Node(cfg, synth, serve_metrics=False) as node:
+        with Node(cfg, Synthesis(InferenceConfig(**inference)), serve_metrics=False) as node:
             for seed, name in enumerate(CASES):
                 pristine, files = prepare(name, tmp / name, seed + 11)
                 run([dcmtk("storescu"), "-aec", "DICOMNODE", "-aet", "SCANNER", CASES[name][1],

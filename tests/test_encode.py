@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
+from synthmr import make_series
 
 from dicomnode.encode import SERIES_DESCRIPTION, burn_banner, encode_series, patient_orientation
-from dicomnode.engine.preprocess import outputs_to_rgb, prepare_series
-from synthmr import make_series
+from dicomnode.infer.preprocess import outputs_to_rgb, prepare_series
 
 MODEL = dict(model_name="pix2pix-cddpm", model_version="1.2.0")
 

@@ -1,16 +1,16 @@
-"""dicomnode.engine.heap: freed inference activations are reused instead of faulted in again."""
+"""dicomnode.infer.heap: freed inference activations are reused instead of faulted in again."""
 
 import subprocess
 import sys
 
 import pytest
 
-from dicomnode.engine import heap
+from dicomnode.infer import heap
 
 PROBE = """
 import resource, sys, torch
-from dicomnode.engine import heap
-from dicomnode.engine.nets import build_denoiser
+from dicomnode.infer import heap
+from dicomnode.infer.nets import build_denoiser
 kept = heap.keep_freed_memory() if sys.argv[1] == "keep" else None
 torch.set_num_threads(2)
 net = build_denoiser("small").eval().to(memory_format=torch.channels_last)  # the shipped denoiser's shape

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from dicomnode import imagemetrics as im
+from dicomnode.tools import imagemetrics as im
 
 
 def _pair(seed=0, shape=(40, 48, 3)):

@@ -10,16 +10,16 @@ import json
 from pathlib import Path
 
 import pytest
+from nodehelpers import write_toml
 from PIL import Image
 from pydicom import dcmread
+from tinymodel import TINY_INFERENCE, make_tiny_model
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import InferenceConfig
-from dicomnode.engine.synthesizer import DEFAULT_MODEL, load_synthesizer
-from dicomnode.phantom import write_case
-from nodehelpers import write_toml
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from dicomnode.synthesize import DEFAULT_MODEL
+from dicomnode.tools.phantom import write_case
 
 runner = CliRunner()
 
@@ -99,9 +99,10 @@ def test_missing_model_fails_clearly(tmp_path, monkeypatch):
 
 def test_demo_loop_with_local_pacs(tiny, tmp_path):
     """The demo's machinery (node on loopback, own SCU, local SCP, previews, metrics) on a small case."""
-    from dicomnode.demo import run_case
+    from dicomnode.node import Synthesis
+    from dicomnode.tools.demo import run_case
 
-    synth = load_synthesizer(InferenceConfig(model=str(tiny), device="cpu", **TINY_INFERENCE))
+    synth = Synthesis(InferenceConfig(model=str(tiny), device="cpu", **TINY_INFERENCE))
     case = write_case(tmp_path / "phantom", 2, rows=64, cols=64, slices=4, lesion=True)
     res = run_case(tmp_path / "demo", synth, case, {"model": str(tiny), "device": "cpu"},
                    rules={"min_slices": 3})

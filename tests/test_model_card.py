@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from dicomnode.engine.diffusion import Diffusion
-from dicomnode.engine.model import CARD, FILES, ModelError, load_model, read_card, save_model, write_card
-from dicomnode.engine.nets import build_denoiser, build_generator
+from dicomnode.infer.diffusion import Diffusion
+from dicomnode.infer.model import CARD, FILES, ModelError, load_model, read_card, save_model, write_card
+from dicomnode.infer.nets import build_denoiser, build_generator
 
 
 @pytest.fixture()

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from dicomnode.engine.nets import (CDDPM_PRESETS, PIX2PIX_PRESETS, build_denoiser, build_discriminator,
-                                   build_generator, count_params)
+from dicomnode.infer.nets import (
+    CDDPM_PRESETS,
+    PIX2PIX_PRESETS,
+    build_denoiser,
+    build_discriminator,
+    build_generator,
+    count_params,
+)
 
 
 @pytest.mark.parametrize("preset", sorted(PIX2PIX_PRESETS))

@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.phantom import generate, plan_cases, render_fusion, simulate, write_case
-from dicomnode.phantom.fusion import OPACITY, SUV_WINDOW
-from dicomnode.phantom.uptake import suv_from_pet
+from dicomnode.tools.phantom import generate, plan_cases, render_fusion, simulate, write_case
+from dicomnode.tools.phantom.fusion import OPACITY, SUV_WINDOW
+from dicomnode.tools.phantom.uptake import suv_from_pet
 
 TINY = dict(min_matrix=64, max_matrix=96, min_slices=3, max_slices=4)
 
@@ -187,8 +187,8 @@ def test_hidden_uptake_values_leave_the_mr_unchanged():
     import copy
     import dataclasses
 
-    from dicomnode.phantom.anatomy import Anatomy, Lesion, paint_case
-    from dicomnode.phantom.generate import scene
+    from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
+    from dicomnode.tools.phantom.generate import scene
 
     spec = plan_cases(1, seed=5, lesion_fraction=1.0, min_matrix=64, max_matrix=64, min_slices=6, max_slices=6)[0]
     sc = scene(spec)
@@ -228,8 +228,8 @@ def test_workers_do_not_change_output(tmp_path, tiny):
 
 
 def test_pet_blur_fwhm_and_rician_background():
-    from dicomnode.phantom.grid import SliceGrid
-    from dicomnode.phantom.uptake import mr_acquire, pet_acquire
+    from dicomnode.tools.phantom.grid import SliceGrid
+    from dicomnode.tools.phantom.uptake import mr_acquire, pet_acquire
 
     grid = SliceGrid("sagittal", 9, 101, 101, 0.5, 0.5, 2.0, 2.0, (0.0, 0.0, 0.0))
     point = np.zeros(grid.shape, np.float32)

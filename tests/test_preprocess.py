@@ -11,12 +11,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless)
-
-from dicomnode.engine.grid import GridPlacement, normalize_series, rgb_to_unit
-from dicomnode.engine.preprocess import PreparedSeries, SeriesError, outputs_to_rgb, prepare_series
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 from synthmr import make_series
+
+from dicomnode.infer.grid import GridPlacement, normalize_series, rgb_to_unit
+from dicomnode.infer.preprocess import PreparedSeries, SeriesError, outputs_to_rgb, prepare_series
 
 
 def expected_batch(series) -> np.ndarray:

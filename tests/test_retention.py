@@ -1,5 +1,4 @@
 import time
-from pathlib import Path
 
 from dicomnode.config import RetentionConfig
 from dicomnode.journal import Instance, Journal

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from dicomfactory import VENDORS, make_series
 from typer.testing import CliRunner
 
-from dicomfactory import VENDORS, make_series
 from dicomnode.cli import app
 from dicomnode.config import RulesConfig
 from dicomnode.rules import evaluate_paths, plane_of

@@ -1,17 +1,15 @@
 """The receiving side against real DCMTK peers (echoscu, storescu, dcmsend) on loopback."""
 
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.uid import JPEG2000Lossless, RLELossless
-
 from conftest import dcmtk, run
 from dicomfactory import make_series
-from dicomnode.node import Node
 from nodehelpers import dataset_bytes, make_config, sop_uid
+from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless
+
+from dicomnode.node import Node
 
 pytestmark = pytest.mark.integration
 

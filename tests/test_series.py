@@ -3,11 +3,11 @@
 import time
 
 import pytest
-
 from conftest import dcmtk, run
 from dicomfactory import make_series
-from dicomnode.node import Node
 from nodehelpers import make_config
+
+from dicomnode.node import Node
 
 pytestmark = pytest.mark.integration
 

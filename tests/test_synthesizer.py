@@ -15,14 +15,21 @@ import numpy as np
 import pytest
 import torch
 from pydicom import dcmread
+from tinymodel import TINY_INFERENCE, make_tiny_model, slice_location
 
 from dicomnode.config import InferenceConfig
-from dicomnode.engine.model import ModelError
-from dicomnode.engine.preprocess import SeriesError
-from dicomnode.engine.synthesizer import (DEFAULT_MODEL, DeviceError, Settings, load_synthesizer, pick_device, resolve_model,
-                                          settings_from)
-from dicomnode.phantom import write_case
-from tinymodel import TINY_INFERENCE, make_tiny_model, slice_location
+from dicomnode.infer.model import ModelError
+from dicomnode.infer.preprocess import SeriesError
+from dicomnode.synthesize import (
+    DEFAULT_MODEL,
+    DeviceError,
+    Settings,
+    load_synthesizer,
+    pick_device,
+    resolve_model,
+    settings_from,
+)
+from dicomnode.tools.phantom import write_case
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +76,7 @@ def test_resolve_by_name_default_and_path(tiny, tmp_path, monkeypatch):
 def test_default_missing_names_every_place(tmp_path, monkeypatch):
     monkeypatch.setenv("DICOMNODE_MODELS", str(tmp_path))
     for name, sub in (("REPO_MODELS", "repo"), ("PREFIX_MODELS", "prefix"), ("SYSTEM_MODELS", "sys")):
-        monkeypatch.setattr(f"dicomnode.engine.synthesizer.{name}", tmp_path / sub)
+        monkeypatch.setattr(f"dicomnode.synthesize.{name}", tmp_path / sub)
     with pytest.raises(ModelError, match=rf"shipped model '{DEFAULT_MODEL}' not found.*{tmp_path}/{DEFAULT_MODEL}.*"
                                          rf"repo/{DEFAULT_MODEL}.*prefix/{DEFAULT_MODEL}.*sys/{DEFAULT_MODEL}"):
         load_synthesizer(InferenceConfig(model="default"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicomnode.engine.model import load_model, read_card
+from dicomnode.infer.model import load_model, read_card
 
 
 def write_dataset(root, n_patients=6, per_patient=4, size=64, seed=0):

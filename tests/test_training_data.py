@@ -11,8 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.engine.grid import GridPlacement
-from dicomnode.phantom import generate
+from dicomnode.infer.grid import GridPlacement
+from dicomnode.tools.phantom import generate
 from training.__main__ import main as training_main
 from training.data import PairedDataset, build_dataset, split_patients
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from pydicom import dcmread
 
-from dicomnode.engine.diffusion import Diffusion
-from dicomnode.engine.model import save_model
-from dicomnode.engine.nets import build_denoiser, build_generator
+from dicomnode.infer.diffusion import Diffusion
+from dicomnode.infer.model import save_model
+from dicomnode.infer.nets import build_denoiser, build_generator
 
 TINY_INFERENCE = {"steps": 1, "warm_start": 0.3, "batch_size": 4, "seed": 0}
 

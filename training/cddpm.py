@@ -17,13 +17,23 @@ from pathlib import Path
 
 import torch
 
-from dicomnode.engine.diffusion import EMA, Diffusion
-from dicomnode.engine.model import save_model
-from dicomnode.engine.nets import build_denoiser
+from dicomnode.infer.diffusion import EMA, Diffusion
+from dicomnode.infer.model import save_model
+from dicomnode.infer.nets import build_denoiser
 from training import plots
 from training.pix2pix import _preview_split, load_generator
-from training.trainutil import (CsvLog, autocast, batches, lesion_weights, linear_decay, load_split, progress,
-                                resolve_device, save_checkpoint, seed_all)
+from training.trainutil import (
+    CsvLog,
+    autocast,
+    batches,
+    lesion_weights,
+    linear_decay,
+    load_split,
+    progress,
+    resolve_device,
+    save_checkpoint,
+    seed_all,
+)
 
 FIELDS = ["step", "epoch", "lr", "loss", "loss_ema", "seconds"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicomnode.engine.grid import MODEL_GRID, GridPlacement, normalize_series, rgb_to_unit
+from dicomnode.infer.grid import MODEL_GRID, GridPlacement, normalize_series, rgb_to_unit
 
 log = logging.getLogger(__name__)
 

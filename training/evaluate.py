@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicomnode.engine.grid import unit_to_rgb
-from dicomnode.engine.model import load_model, read_card, write_card
-from dicomnode.imagemetrics import METRIC_NOTE, all_metrics
+from dicomnode.infer.grid import unit_to_rgb
+from dicomnode.infer.model import load_model, read_card, write_card
+from dicomnode.tools.imagemetrics import METRIC_NOTE, all_metrics
 from training import plots
 from training.trainutil import load_split, progress, resolve_device
 

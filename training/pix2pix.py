@@ -15,10 +15,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dicomnode.engine.nets import build_discriminator, build_generator, init_weights
+from dicomnode.infer.nets import build_discriminator, build_generator, init_weights
 from training import plots
-from training.trainutil import (CsvLog, autocast, batches, lesion_weights, linear_decay, load_split, progress,
-                                resolve_device, save_checkpoint, seed_all)
+from training.trainutil import (
+    CsvLog,
+    autocast,
+    batches,
+    lesion_weights,
+    linear_decay,
+    load_split,
+    progress,
+    resolve_device,
+    save_checkpoint,
+    seed_all,
+)
 
 FIELDS = ["step", "epoch", "lr", "loss_d", "loss_g_gan", "loss_l1", "seconds"]
 

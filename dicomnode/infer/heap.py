@@ -15,7 +15,7 @@ import ctypes.util
 import functools
 import logging
 
-log = logging.getLogger("dicomnode.engine")
+log = logging.getLogger("dicomnode.infer")
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit; larger blocks still come from mmap

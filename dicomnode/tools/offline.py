@@ -19,9 +19,9 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 
 from dicomnode.config import RulesConfig
-from dicomnode.net.scu import collect_files
 from dicomnode.records import CompleteSeries
 from dicomnode.rules import evaluate, read_headers
+from dicomnode.scu import collect_files
 from dicomnode.spool import check_uid, write_dataset
 
 log = logging.getLogger("dicomnode.infer")

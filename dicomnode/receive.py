@@ -17,9 +17,9 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from ..config import Config
-from ..journal import Instance, Journal
-from ..spool import InvalidUID, Spool, check_uid, part10_chunks, write_atomic
+from dicomnode.config import Config
+from dicomnode.journal import Instance, Journal
+from dicomnode.spool import InvalidUID, Spool, check_uid, part10_chunks, write_atomic
 
 log = logging.getLogger("dicomnode.scp")
 

@@ -19,7 +19,8 @@ NORM_HIGH_PCT = 99.5
 def normalize_series(volume: np.ndarray) -> np.ndarray:
     """Map an MR series (slices, rows, cols; any real dtype) to float32 in [-1, 1].
 
-    Per-series robust scaling: the 0.5th and 99.5th percentiles of the series map to -1 and 1 and the result is clipped, so one hot voxel or a different scanner gain does not
+    Per-series robust scaling: the 0.5th and 99.5th percentiles of the series map to -1 and 1 and the
+    result is clipped, so one hot voxel or a different scanner gain does not
     change the picture the network sees.
     """
     vol = np.asarray(volume, dtype=np.float32)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .grid import SliceGrid
+from dicomnode.tools.phantom.grid import SliceGrid
 
 # Relative MR signal per tissue for each weighting: T2 fat-sat, T1, STIR.
 TISSUE = {

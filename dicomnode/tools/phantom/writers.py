@@ -13,10 +13,14 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PositronEmissionTomographyImageStorage, \
-    SecondaryCaptureImageStorage
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+)
 
-from .uptake import F18_HALF_LIFE_S
+from dicomnode.tools.phantom.uptake import F18_HALF_LIFE_S
 
 _PLANE = {"sagittal": ("sag", "Sag", ""), "axial": ("tra", "Ax", "_TRA"), "coronal": ("cor", "Cor", "_COR")}
 
@@ -241,7 +245,7 @@ def write_pet(case: dict, grid, suv: np.ndarray, out: Path) -> tuple[list[Path],
 
 def write_fusion(case: dict, grid, rgb: np.ndarray, out: Path) -> list[Path]:
     """RGB Secondary Capture per MR slice, same study, referencing its MR and PET slice."""
-    from .grid import PATIENT_ORIENTATION
+    from dicomnode.tools.phantom.grid import PATIENT_ORIENTATION
 
     paths = []
     for k in range(grid.slices):

@@ -85,14 +85,16 @@ class Stages:
     def finish(self) -> None:
         """The last stage is finished."""
 
+    def print(self, message: str) -> None:
+        """A line for the user (this base class drops it)."""
+
 
 class RichStages(Stages):
     """One line per stage with a bar (or spinner) and its elapsed time (rich; thread-safe).
     `print` writes a line above the bars while they run."""
 
     def __init__(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description:<46}"),
                             BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -164,12 +166,15 @@ class DemoResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = None, timeout: float = 600.0,
+def run_case(work: Path, processor, case: dict, cfg_inference: dict | None = None, timeout: float = 600.0,
              previews: bool = True, on_processing=None, rules: dict | None = None,
              stages: Stages | None = None) -> DemoResult:
-    """Send one phantom case through a fresh node into a local sink and collect the results."""
-    from dicomnode.net.scu import store_files
+    """Send one phantom case through a fresh node into a local sink and collect the results.
+
+    `processor` is what the node runs in its inference process (a picklable Processor or a
+    factory of one, e.g. `dicomnode.node.Synthesis`)."""
     from dicomnode.node import Node
+    from dicomnode.scu import store_files
 
     stages = stages or Stages()
     n = len(case["mr"])
@@ -177,9 +182,23 @@ def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = N
         shutil.rmtree(work / stale, ignore_errors=True)
     sink = LocalSink(work / "sink", on_received=lambda _p: stages.update(len(sink.received))).start()
     cfg = demo_config(work, sink, cfg_inference, rules)
-    node = Node(cfg, synthesizer, serve_metrics=False)
-    node.start()
-    synthesizer.progress = None
+    synthesising = threading.Event()
+
+    def on_slices(done: int, total: int) -> None:  # from the inference process, via the node
+        if not synthesising.is_set():
+            synthesising.set()
+            stages.start("synthesising (Pix2Pix -> cDDPM), per slice", total)
+        stages.update(done)
+
+    node = Node(cfg, processor, serve_metrics=False, on_progress=on_slices)
+    stages.start("starting the inference process (loads the model)")
+    t0 = time.time()
+    try:
+        node.start()
+    except BaseException:
+        sink.stop()
+        raise
+    stages.print(f"model {node.engine.info['name']} on {node.engine.info['device']} ready in {time.time() - t0:.1f} s")
     try:
         stages.start(f"sending {n} MR slices to the node (C-STORE)", n)
         t0 = time.time()
@@ -193,16 +212,6 @@ def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = N
             on_processing(node)
         stages.start("waiting for the series to complete")
         deadline = time.time() + timeout
-        while not failed() and time.time() < deadline and \
-                not any(j.state not in ("received", "complete", "selected") for j in node.journal.jobs()):
-            time.sleep(0.05)
-
-        def on_slices(done: int, total: int) -> None:
-            if done == min(total, getattr(getattr(synthesizer, "settings", None), "batch_size", 1)):
-                stages.start("synthesising (Pix2Pix -> cDDPM), per slice", total)
-            stages.update(done)
-
-        synthesizer.progress = on_slices
         sink.wait_for(1, max(0.0, deadline - time.time()), give_up=failed)
         stages.start("receiving the synthetic series (local PACS)", n)
         stages.update(len(sink.received))
@@ -214,10 +223,10 @@ def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = N
         latency = acked - job.last_instance_at if acked is not None else None
         received = sorted((p for _, p in sink.received), key=lambda p: int(dcmread(p, stop_before_pixels=True)
                                                                             .InstanceNumber))
-        res = DemoResult(synthesizer.name, str(synthesizer.device), len(case["mr"]), (case["rows"], case["cols"]),
-                         job.state, job.error or (job.reason if job.state == "ignored" else None), dict(job.timings), latency, send_seconds, received)
+        res = DemoResult(node.engine.info["name"], node.engine.info["device"], n, (case["rows"], case["cols"]),
+                         job.state, job.error or (job.reason if job.state == "ignored" else None), dict(job.timings),
+                         latency, send_seconds, received)
     finally:
-        synthesizer.progress = None
         stages.finish()
         node.stop()
         sink.stop()
@@ -228,7 +237,7 @@ def run_case(work: Path, synthesizer, case: dict, cfg_inference: dict | None = N
 
 def _previews_and_metrics(case: dict, received: list[Path], out_dir: Path) -> tuple[list[Path], dict]:
     """MR | synthetic | real fusion per slice, and PSNR/SSIM of synthetic vs real (banner rows cut)."""
-    from dicomnode.offline import write_previews
+    from dicomnode.tools.offline import write_previews
 
     outputs = [dcmread(p) for p in received]
     sources = [dcmread(p) for p in case["mr"]]
@@ -238,7 +247,7 @@ def _previews_and_metrics(case: dict, received: list[Path], out_dir: Path) -> tu
     paths = write_previews(sources, outputs, out_dir, extra=real)
     metrics = {}
     try:
-        from dicomnode.imagemetrics import psnr, ssim
+        from dicomnode.tools.imagemetrics import psnr, ssim
     except ImportError:
         return paths, metrics
     cut = int(round(BANNER_CROP * outputs[0].Rows))
@@ -253,20 +262,17 @@ def run_demo(out: Path, model: str = "default", device: str = "auto", seed: int 
              slices: int = 15, echo=print, stages: Stages | None = None) -> DemoResult:
     """The `dicomnode demo` command: load the shipped model, run one phantom case, report."""
     from dicomnode.config import InferenceConfig
-    from dicomnode.engine.synthesizer import load_synthesizer
-    from dicomnode.phantom import write_case
+    from dicomnode.node import Synthesis
+    from dicomnode.tools.phantom import write_case
 
     stages = stages or Stages()
     out = Path(out).resolve()
-    t0 = time.time()
-    stages.start("loading the model")
-    synth = load_synthesizer(InferenceConfig(model=model, device=device))
-    echo(f"model {synth.name} on {synth.device} loaded in {time.time() - t0:.1f} s")
     stages.start(f"making a phantom case ({slices} slices)")
     case = write_case(out / "phantom", seed, rows=rows, slices=slices, lesion=True)
     echo(f"phantom case: {len(case['mr'])} sagittal T2FS slices {case['rows']}x{case['cols']} "
          f"({case['vendor']}, lesion at {case['lesion_level']}) -> {out / 'phantom'}")
-    res = run_case(out, synth, case, {"model": model, "device": device}, stages=stages)
+    res = run_case(out, Synthesis(InferenceConfig(model=model, device=device)), case,
+                   {"model": model, "device": device}, stages=stages)
     if res.job_state not in ("done", "sending") or len(res.received) != res.slices:
         raise RuntimeError(f"the job ended {res.job_state}: {res.job_error or 'not every result arrived'}")
     echo(f"synthetic series: {len(res.received)} Secondary Capture images received by the local PACS "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .grid import SliceGrid
+from dicomnode.tools.phantom.grid import SliceGrid
 
 F18_HALF_LIFE_S = 6586.2
 

@@ -26,12 +26,12 @@ from pydicom import Dataset
 
 from dicomnode.config import DEVICE_RE, InferenceConfig
 from dicomnode.encode import encode_series
-from dicomnode.engine import heap
-from dicomnode.engine.model import FusionModel, ModelError, load_model
-from dicomnode.engine.preprocess import outputs_to_rgb, prepare_series
+from dicomnode.infer import heap
+from dicomnode.infer.model import FusionModel, ModelError, load_model
+from dicomnode.infer.preprocess import outputs_to_rgb, prepare_series
 from dicomnode.records import CompleteSeries, ProcessResult
 
-log = logging.getLogger("dicomnode.engine")
+log = logging.getLogger("dicomnode.infer")
 
 DEFAULT_MODEL = "t2fs2petfusion"  # the shipped model's folder name; "default" resolves to it
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout or editable install

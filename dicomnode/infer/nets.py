@@ -12,6 +12,7 @@ full-resolution level.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from .config import SeriesConfig
-from .journal import Journal
+from dicomnode.config import SeriesConfig
+from dicomnode.journal import Journal
 
-log = logging.getLogger("dicomnode.series")
+log = logging.getLogger("dicomnode.assemble")
 
 
 class Assembler:

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dicomnode import __version__
-from dicomnode.engine.diffusion import Diffusion
-from dicomnode.engine.nets import (CDDPM_PRESETS, PIX2PIX_PRESETS, DiffusionUNet, UnetGenerator)
+from dicomnode.infer.diffusion import Diffusion
+from dicomnode.infer.nets import CDDPM_PRESETS, PIX2PIX_PRESETS, DiffusionUNet, UnetGenerator
 
 CARD = "model.json"
 FORMAT = "dicomnode-model/1"

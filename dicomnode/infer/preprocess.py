@@ -2,7 +2,7 @@
 
 Slices are ordered by their position along the slice normal (Instance Number is not reliable
 across vendors), decoded whatever their transfer syntax, rescaled, normalised per series and
-placed on the model grid with `dicomnode.engine.grid`, exactly as training does.
+placed on the model grid with `dicomnode.infer.grid`, exactly as training does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.pixels import apply_rescale
 
-from dicomnode.engine.grid import MODEL_GRID, GridPlacement, normalize_series, unit_to_rgb
+from dicomnode.infer.grid import MODEL_GRID, GridPlacement, normalize_series, unit_to_rgb
 
 ORIENTATION_TOL = 1e-3  # max difference of direction cosines between slices
 SPACING_RTOL = 1e-3  # relative pixel spacing tolerance between slices

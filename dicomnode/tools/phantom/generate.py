@@ -17,11 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from .anatomy import Anatomy, Lesion, paint_case
-from .fusion import render_fusion
-from .grid import SliceGrid
-from .uptake import mr_acquire, pet_acquire, suv_scale_bqml
-from .writers import VENDORS, series_description, uid, write_fusion, write_mr, write_pet
+from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
+from dicomnode.tools.phantom.fusion import render_fusion
+from dicomnode.tools.phantom.grid import SliceGrid
+from dicomnode.tools.phantom.uptake import mr_acquire, pet_acquire, suv_scale_bqml
+from dicomnode.tools.phantom.writers import VENDORS, series_description, uid, write_fusion, write_mr, write_pet
 
 log = logging.getLogger(__name__)
 

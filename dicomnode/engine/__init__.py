@@ -1,1 +1,0 @@
-"""The deep-learning core: networks, diffusion, model cards, preprocessing and the synthesiser."""

@@ -1,1 +1,0 @@
-"""DICOM networking: the SCP that receives and the SCU that echoes and sends."""

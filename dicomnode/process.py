@@ -1,0 +1,281 @@
+"""The process stage: a selected series is synthesised (inference + encoding) in the inference
+process, which writes the outputs to the job's folder in the spool.
+
+Why a separate process: a watchdog cannot stop a thread, and a segfault, an abort in a native
+library or an out-of-memory kill would take the C-STORE SCP down with it. The inference process
+is spawned once, builds its processor (loads the model) once and stays warm; the node sends it
+job ids and file paths over a pipe, never pixel data. A job that exceeds the watchdog gets the
+process killed and a fresh one started; a process that dies is replaced; either way the job ends
+with the reason (or is retried, `[inference] crash_retries`) and the node keeps receiving.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Callable
+
+from dicomnode.config import InferenceConfig
+from dicomnode.journal import Job, JobState, Journal
+from dicomnode.records import CompleteSeries, Processor
+from dicomnode.spool import Spool
+
+log = logging.getLogger("dicomnode.process")
+
+STOP_GRACE_SECONDS = 5.0
+
+
+class InferenceFailed(RuntimeError):
+    """The processor raised: the series could not be synthesised (the process is fine)."""
+
+
+class InferenceCrashed(RuntimeError):
+    """The inference process died (signal, abort, out of memory) or could not start."""
+
+
+class InferenceTimeout(RuntimeError):
+    """The job exceeded the watchdog; the inference process was killed and replaced."""
+
+
+@dataclass(frozen=True)
+class ProcessRequest:
+    """What crosses the pipe for one job: ids and paths only."""
+
+    job_id: int
+    study_uid: str
+    series_uid: str
+    paths: tuple[str, ...]
+    out_dir: str
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is unresponsive"
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+# -- the inference process (child side) -----------------------------------------------------
+def _child_main(conn: Connection, processor_spec: Any) -> None:
+    """Build the processor, say ready, then run requests until told to stop or the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; the node stops us
+    try:
+        processor = processor_spec() if not hasattr(processor_spec, "process") else processor_spec
+    except BaseException as exc:  # noqa: BLE001 - reported to the node, which decides
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    if hasattr(processor, "progress"):
+        processor.progress = lambda done, total: conn.send(("progress", done, total))
+    conn.send(("ready", {"name": processor.name, "device": str(getattr(processor, "device", "cpu")),
+                         "pid": os.getpid()}))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        try:
+            conn.send(("done", _run(processor, request)))
+        except Exception as exc:  # one bad series fails its job; the process goes on
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+
+
+def _run(processor: Processor, req: ProcessRequest) -> dict:
+    from pydicom import dcmread
+
+    from dicomnode.spool import check_uid, write_dataset
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    datasets = [dcmread(p) for p in req.paths]
+    timings["load"] = time.perf_counter() - t0
+    series = CompleteSeries(req.job_id, req.study_uid, req.series_uid, tuple(Path(p) for p in req.paths))
+    result = processor.process(series, datasets)
+    timings.update(result.timings)
+    if not result.datasets:
+        raise ValueError("the processor returned no images")
+    t0 = time.perf_counter()
+    out_dir = Path(req.out_dir)
+    for ds in result.datasets:
+        write_dataset(out_dir / f"{check_uid(ds.SOPInstanceUID, 'output SOP Instance UID')}.dcm", ds)
+    timings["write"] = time.perf_counter() - t0
+    return {"outputs": len(result.datasets), "timings": timings, "metrics": dict(result.metrics)}
+
+
+# -- the node's side ------------------------------------------------------------------------
+class InferenceProcess:
+    """Owns the inference process: start (and wait until the processor is built), run one request
+    with a watchdog, replace the process when it dies or hangs, stop."""
+
+    def __init__(self, processor_spec: Any, *, start_timeout: float = 600.0,
+                 on_progress: Callable[[int, int], None] | None = None, on_restart: Callable[[str], None] | None = None):
+        self.processor_spec = processor_spec  # a picklable Processor, or a picklable factory of one
+        self.start_timeout = start_timeout
+        self.on_progress = on_progress
+        self.on_restart = on_restart
+        self.info: dict[str, Any] = {}
+        self._ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads, locks or sockets
+        self._proc: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._ready = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
+
+    def start(self, wait_ready: bool = True) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_child_main, args=(child, self.processor_spec), name="dicomnode-infer",
+                                       daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn, self._ready = parent, False
+        if wait_ready:
+            self._await_ready(self.start_timeout)
+
+    def _await_ready(self, timeout: float) -> None:
+        kind, payload = self._receive(time.monotonic() + timeout, what="start")
+        if kind == "error":
+            self._reap()
+            raise InferenceCrashed(f"the inference process could not start: {payload}")
+        self.info, self._ready = payload, True
+        log.info("inference process %s ready (%s on %s)", payload["pid"], payload["name"], payload["device"])
+
+    def run(self, request: ProcessRequest, timeout: float) -> dict:
+        """Run one job; raise InferenceFailed / InferenceCrashed / InferenceTimeout with the reason."""
+        if self._proc is None or not self._proc.is_alive():
+            self.start(wait_ready=False)
+        if not self._ready:
+            self._await_ready(self.start_timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            self._conn.send(request)
+        except (OSError, EOFError):
+            raise self._crashed("before the job started") from None
+        while True:
+            kind, *payload = self._receive(deadline, what="job", timeout_s=timeout)
+            if kind == "progress":
+                if self.on_progress is not None:
+                    self.on_progress(*payload)
+                continue
+            if kind == "done":
+                return payload[0]
+            raise InferenceFailed(payload[0])
+
+    def _receive(self, deadline: float, *, what: str, timeout_s: float | None = None) -> tuple:
+        """The next message, or: the process died -> InferenceCrashed; deadline -> kill, InferenceTimeout."""
+        while True:
+            left = deadline - time.monotonic()
+            ready = wait([self._conn, self._proc.sentinel], timeout=max(0.0, left))
+            if self._conn in ready:
+                try:
+                    return self._conn.recv()
+                except (EOFError, OSError):
+                    pass  # the pipe closed: the process is gone; fall through to the exit status
+            if self._conn in ready or self._proc.sentinel in ready:
+                raise self._crashed(f"during {what}")
+            if left <= 0:
+                self._kill()
+                if self.on_restart is not None:
+                    self.on_restart("timeout")
+                if what == "start":
+                    raise InferenceCrashed(f"the inference process did not start within {self.start_timeout:g} s")
+                raise InferenceTimeout(f"inference exceeded {timeout_s:g} s; the inference process was killed "
+                                       "and is restarted")
+
+    def _crashed(self, when: str) -> InferenceCrashed:
+        self._proc.join(timeout=STOP_GRACE_SECONDS)
+        why = _describe_exit(self._proc.exitcode)
+        self._reap()
+        if self.on_restart is not None:
+            self.on_restart("crash")
+        return InferenceCrashed(f"the inference process {why} {when}")
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=STOP_GRACE_SECONDS)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._proc is not None:
+            self._proc.join(timeout=0)
+            if self._proc.exitcode is not None:
+                self._proc.close()
+        self._proc, self._conn, self._ready = None, None, False
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._conn.send(None)
+        except (OSError, EOFError):
+            pass
+        self._proc.join(timeout=STOP_GRACE_SECONDS)
+        self._kill()
+
+
+class ProcessStage:
+    """Runs one selected job at a time through the inference process and records the outcome."""
+
+    def __init__(self, inference: InferenceConfig, journal: Journal, spool: Spool, engine: InferenceProcess,
+                 destinations: list[str], metrics=None):
+        self.inference = inference
+        self.journal = journal
+        self.spool = spool
+        self.engine = engine
+        self.destinations = destinations
+        self.metrics = metrics
+
+    def process(self, job: Job) -> str:
+        """Process a selected job; return its new state ('sending', 'done', 'selected' or 'failed')."""
+        job = self.journal.transition(job.id, JobState.PROCESSING, expect=JobState.SELECTED)
+        timings = dict(job.timings)
+        started = time.perf_counter()
+        out_dir = self.spool.output_dir(job.id)
+        if out_dir.exists():  # a re-run must not send stale files from an earlier attempt
+            self.spool.remove_tree(out_dir)
+        request = ProcessRequest(job.id, job.study_uid, job.series_uid,
+                                 tuple(i.path for i in self.journal.instances(job.series_uid)), str(out_dir))
+        try:
+            result = self.engine.run(request, timeout=self.inference.timeout_seconds)
+        except InferenceCrashed as exc:
+            if job.attempts < self.inference.crash_retries:
+                log.error("job %d: %s; retrying (attempt %d of %d)", job.id, exc, job.attempts + 2,
+                          self.inference.crash_retries + 1)
+                self.journal.transition(job.id, JobState.SELECTED, expect=JobState.PROCESSING,
+                                        attempts=job.attempts + 1, error=str(exc)[:2000])
+                return JobState.SELECTED
+            return self._fail(job, str(exc), timings)
+        except (InferenceFailed, InferenceTimeout) as exc:
+            return self._fail(job, str(exc), timings)
+        timings.update({k: round(v, 4) for k, v in result["timings"].items()})
+        timings["process_total"] = round(time.perf_counter() - started, 4)
+        self.journal.transition(job.id, JobState.ENCODED, expect=JobState.PROCESSING, output_dir=str(out_dir),
+                                outputs=result["outputs"], timings=timings, error=None)
+        if self.metrics:
+            for stage, seconds in timings.items():
+                self.metrics.stage_seconds.labels(stage).observe(seconds)
+        state = self.journal.start_deliveries(job.id, self.destinations)
+        log.info("job %d: %d derived instances written in %.2f s", job.id, result["outputs"], timings["process_total"])
+        return state
+
+    def _fail(self, job: Job, reason: str, timings: dict) -> str:
+        log.error("job %d: processing failed: %s", job.id, reason)
+        self.journal.transition(job.id, JobState.FAILED, expect=JobState.PROCESSING, error=reason[:2000],
+                                timings=timings)
+        if self.metrics:
+            self.metrics.jobs_finished.labels("failed").inc()
+        return JobState.FAILED
