@@ -1,14 +1,13 @@
-"""End-to-end latency and memory of the node with the synthesiser (not a test; see docs/engine.md).
+"""End-to-end latency of the node with the synthesiser (not a test; see docs/engine.md).
 
 Latency: a phantom series (default 15 slices, 320x320) is sent with the node's SCU to a node on
-loopback that forwards to a local storage SCP; we report last instance received by the node ->
-last result acknowledged by the sink, and the job's stage timings. Memory: this process's VmRSS
-after the model is loaded (idle) and VmHWM (peak, reset before the case) while a 20-slice 512x512
-series is processed. Arithmetic: model GFLOP per slice (torch FlopCounterMode) over the measured
-inference time, against a plain fp32 channels-last 3x3 convolution measured on the same machine
-before and after the series (the ratio uses the faster of the two).
+loopback (the model in its inference process) that forwards to a local storage SCP; we report
+last instance received by the node -> last result acknowledged by the sink, and the job's stage
+timings. Arithmetic: model GFLOP per slice (torch FlopCounterMode) over the measured inference
+time, against a plain fp32 channels-last 3x3 convolution measured on the same machine before and
+after the series (the ratio uses the faster of the two). Memory: bench/bench_memory.py.
 
-    python bench/bench_e2e.py [--model default] [--device cpu] [--slices 15 --rows 320] [--mem-slices 20 --mem-rows 512]
+    python bench/bench_e2e.py [--model default] [--device cpu] [--slices 15 --rows 320]
 
 With no trained model available, `--model stand-in` (also the fallback) uses random weights in the
 shipped architecture: the timings are representative, the pictures are not.
@@ -30,24 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicomnode.config import InferenceConfig  # noqa: E402
 from dicomnode.infer.model import ModelError  # noqa: E402
+from dicomnode.node import Synthesis  # noqa: E402
 from dicomnode.synthesize import load_synthesizer  # noqa: E402
 from dicomnode.tools.demo import run_case  # noqa: E402
 from dicomnode.tools.phantom import write_case  # noqa: E402
-
-
-def proc_status(key: str) -> float:
-    """VmRSS / VmHWM of this process in MiB (psutil is not installed)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
 
 
 def stand_in_model(path: Path) -> Path:
@@ -98,37 +83,31 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--slices", type=int, default=15)
     ap.add_argument("--rows", type=int, default=320)
-    ap.add_argument("--mem-slices", type=int, default=20)
-    ap.add_argument("--mem-rows", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
-    rss_start = proc_status("VmRSS")
     try:
         if args.model == "stand-in":
             raise ModelError("stand-in requested")
-        synth = load_synthesizer(InferenceConfig(model=args.model, device=args.device))
+        model = args.model
+        synth = load_synthesizer(InferenceConfig(model=model, device=args.device))  # here only to count FLOPs
         which = f"trained model {synth.name}"
     except ModelError as exc:
         print(f"no trained model ({exc}); using random weights in the shipped architecture", file=sys.stderr)
-        synth = load_synthesizer(InferenceConfig(model=str(stand_in_model(work / "standin")), device=args.device))
+        model = str(stand_in_model(work / "standin"))
+        synth = load_synthesizer(InferenceConfig(model=model, device=args.device))
         which = "stand-in: random weights, shipped architecture (pix2pix small + cddpm small)"
-    rss_idle = proc_status("VmRSS")
-    inference = {"model": args.model, "device": args.device}
+    inference = {"model": model, "device": args.device}
+    processor = Synthesis(InferenceConfig(**inference))
     results = {"model": which, "device": str(synth.device), "torch_threads": torch.get_num_threads(),
-               "settings": synth.settings.__dict__, "rss_start_mib": round(rss_start), "rss_idle_mib": round(rss_idle)}
-    # warm-up on a tiny case so one-off allocations and lazy imports do not count
-    run_case(work / "warm", synth, write_case(work / "warmcase", 1, rows=64, slices=8), inference, previews=False)
+               "settings": synth.settings.__dict__}
     conv_before = conv_gflops(synth.device)  # the reference before and after, as the machine's load drifts
-    for tag, slices, rows in (("latency", args.slices, args.rows), ("memory", args.mem_slices, args.mem_rows)):
-        case = write_case(work / f"case_{tag}", 3, rows=rows, cols=rows, slices=slices, lesion=True)
-        reset_peak()
-        t0 = time.perf_counter()
-        res = run_case(work / tag, synth, case, inference, previews=False)
-        assert res.job_state == "done" and len(res.received) == slices, (res.job_state, res.job_error)
-        results[tag] = {"slices": slices, "matrix": f"{rows}x{rows}", "latency_s": round(res.latency, 2),
-                        "wall_s": round(time.perf_counter() - t0, 2), "stages_s": res.timings,
-                        "peak_rss_mib": round(proc_status("VmHWM")), "rss_after_mib": round(proc_status("VmRSS"))}
+    case = write_case(work / "case", 3, rows=args.rows, cols=args.rows, slices=args.slices, lesion=True)
+    t0 = time.perf_counter()
+    res = run_case(work / "latency", processor, case, inference, previews=False)
+    assert res.job_state == "done" and len(res.received) == args.slices, (res.job_state, res.job_error)
+    results["latency"] = {"slices": args.slices, "matrix": f"{args.rows}x{args.rows}", "latency_s": round(res.latency, 2),
+                          "wall_s": round(time.perf_counter() - t0, 2), "stages_s": res.timings}
     gflop = model_gflop_per_slice(synth)
     infer_s = results["latency"]["stages_s"]["infer"]
     results["gflop_per_slice"] = round(gflop, 1)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from dicomnode.node import Node  # noqa: E402
+
 from dicomfactory import make_series  # noqa: E402
 from nodehelpers import make_config  # noqa: E402
-
-from dicomnode.node import Node  # noqa: E402
 
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
 # DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1; with it on, every C-STORE waits ~40 ms

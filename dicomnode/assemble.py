@@ -12,7 +12,7 @@ import logging
 import time
 
 from dicomnode.config import SeriesConfig
-from dicomnode.journal import Journal
+from dicomnode.journal import JobState, Journal
 
 log = logging.getLogger("dicomnode.assemble")
 
@@ -27,7 +27,7 @@ class Assembler:
         """Jobs whose series is complete now, with how ('declared' or 'quiet')."""
         now = time.time() if now is None else now
         out = []
-        for job in self.journal.jobs(["received"]):
+        for job in self.journal.jobs([JobState.RECEIVED]):
             quiet_for = now - job.last_instance_at
             if quiet_for >= self.cfg.quiet_seconds:
                 out.append((job.id, "quiet"))
@@ -36,9 +36,12 @@ class Assembler:
         return out
 
     def complete_due(self, now: float | None = None) -> list[int]:
+        """Mark every due series complete; `now` (default: the wall clock) makes tests deterministic."""
+        now = time.time() if now is None else now
         done = []
         for job_id, how in self.due(now):
-            self.journal.transition(job_id, "complete", expect="received", completed_at=time.time(), completion=how)
+            self.journal.transition(job_id, JobState.COMPLETE, expect=JobState.RECEIVED, completed_at=now,
+                                    completion=how)
             log.info("job %d: series complete (%s)", job_id, how)
             if self.metrics:
                 self.metrics.series_completed.labels(how).inc()

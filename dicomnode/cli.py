@@ -76,7 +76,6 @@ def infer(
                                           help="A node.toml whose \\[rules] and \\[inference] sections apply."),
 ) -> None:
     """Run select -> synthesise -> encode on files, offline (same engine as the node)."""
-    import dataclasses
     import logging
 
     from rich.progress import (
@@ -99,8 +98,8 @@ def infer(
     except ConfigError as exc:
         typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(2) from None
-    inference = dataclasses.replace(cfg.inference, **{k: v for k, v in (("model", model), ("device", device)) if v})
-    _check_device(inference.device)
+    _check_device(device or cfg.inference.device)
+    inference = cfg.inference.model_copy(update={k: v for k, v in (("model", model), ("device", device)) if v})
     try:
         synth = load_synthesizer(inference)
     except (ModelError, ValueError, RuntimeError) as exc:

@@ -1,22 +1,22 @@
-"""node.toml -> a typed, validated configuration.
+"""node.toml -> a typed, validated configuration (pydantic).
 
 Every problem is reported as `FILE: [section].key: reason`, and unknown keys are errors, so a
-typo in a hospital's config fails at start instead of silently falling back to a default.
+typo in a hospital's config fails at start instead of silently falling back to a default. Types
+are strict: a port written as "104" is an error, not a guess. Each stage receives its own section.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
 import socket
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.functional_validators import BeforeValidator
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -26,215 +26,221 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the file, the key and the reason."""
 
 
-@dataclass
-class NodeConfig:
-    ae_title: str = "DICOMNODE"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    storage_dir: Path = Path("/var/lib/dicomnode")
-    allowed_calling_aets: list[str] = field(default_factory=list)  # empty: any caller
-    allowed_hosts: list[str] = field(default_factory=list)  # IPs or CIDR networks; empty: any
-    require_called_aet: bool = True
-    max_associations: int = 10
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 120.0
-    min_free_disk_mb: int = 1024  # below this, C-STORE answers 0xA700 (out of resources)
-    max_pdu: int = 0  # 0: unlimited
+def _path(value: Any, info: ValidationInfo) -> Any:
+    """A path string; relative paths are relative to the config file's folder."""
+    if not isinstance(value, (str, Path)):
+        raise ValueError(f"expected a path string, got {type(value).__name__}")
+    p = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    return p if p.is_absolute() or base is None else Path(base) / p
 
-    def validate(self, where: str) -> None:
-        _check_ae(self.ae_title, f"{where}.ae_title")
-        for i, aet in enumerate(self.allowed_calling_aets):
-            _check_ae(aet, f"{where}.allowed_calling_aets[{i}]")
-        for i, host in enumerate(self.allowed_hosts):
+
+def _ae_title(value: Any) -> Any:
+    if isinstance(value, str) and (not AE_TITLE_RE.fullmatch(value) or not value.strip() or "\\" in value):
+        raise ValueError(f"AE title must be 1-16 printable characters without backslash, got {value!r}")
+    return value
+
+
+FilePath = Annotated[Path, BeforeValidator(_path)]
+AETitle = Annotated[str, BeforeValidator(_ae_title)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """A config table: strict types, no unknown keys, assignments validated too."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+
+
+class NodeConfig(Section):
+    ae_title: AETitle = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    storage_dir: FilePath = Path("/var/lib/dicomnode")
+    allowed_calling_aets: list[AETitle] = []  # empty: any caller
+    allowed_hosts: list[str] = []  # IPs or CIDR networks; empty: any
+    require_called_aet: bool = True
+    max_associations: Annotated[int, Field(gt=0)] = 10
+    acse_timeout: Positive = 30.0
+    dimse_timeout: Positive = 60.0
+    network_timeout: Positive = 120.0
+    min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024  # below this, C-STORE answers 0xA700 (out of resources)
+    max_pdu: Annotated[int, Field(ge=0)] = 0  # 0: unlimited
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _networks(cls, hosts: list[str]) -> list[str]:
+        for i, host in enumerate(hosts):
             try:
                 ipaddress.ip_network(host, strict=False)
             except ValueError as exc:
-                raise ConfigError(f"{where}.allowed_hosts[{i}]: {exc}") from None
-        _check_port(self.port, f"{where}.port")
-        _check_positive(where, "max_associations", "acse_timeout", "dimse_timeout", "network_timeout", obj=self)
-        if self.min_free_disk_mb < 0:
-            raise ConfigError(f"{where}.min_free_disk_mb: must be >= 0")
+                raise ValueError(f"[{i}]: {exc}") from None
+        return hosts
 
 
-@dataclass
-class TLSConfig:
+class TLSConfig(Section):
     enabled: bool = False
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    ca_file: Path | None = None  # when set, clients must present a certificate signed by it
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+    ca_file: FilePath | None = None  # when set, clients must present a certificate signed by it
 
-    def validate(self, where: str) -> None:
-        if not self.enabled:
-            return
-        for name in ("cert_file", "key_file"):
-            if getattr(self, name) is None:
-                raise ConfigError(f"{where}.{name}: required when TLS is enabled")
-        for name in ("cert_file", "key_file", "ca_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"{where}.{name}: no such file: {path}")
-
-
-@dataclass
-class SeriesConfig:
-    quiet_seconds: float = 10.0  # complete after this long without a new instance
-    settle_seconds: float = 0.5  # a series that declares its size completes this long after its last instance
-    late_instance_policy: str = "reprocess"  # or "ignore"
-
-    def validate(self, where: str) -> None:
-        _check_positive(where, "quiet_seconds", obj=self)
-        if not 0 <= self.settle_seconds <= 1.0:
-            raise ConfigError(f"{where}.settle_seconds: must be between 0 and 1 second")
-        if self.late_instance_policy not in ("reprocess", "ignore"):
-            raise ConfigError(f"{where}.late_instance_policy: must be 'reprocess' or 'ignore'")
+    @model_validator(mode="after")
+    def _files(self) -> "TLSConfig":
+        if self.enabled:
+            for name in ("cert_file", "key_file"):
+                if getattr(self, name) is None:
+                    raise _KeyError(name, "required when TLS is enabled")
+            for name in ("cert_file", "key_file", "ca_file"):
+                path = getattr(self, name)
+                if path is not None and not path.is_file():
+                    raise _KeyError(name, f"no such file: {path}")
+        return self
 
 
-@dataclass
-class RulesConfig:
+class SeriesConfig(Section):
+    quiet_seconds: Positive = 10.0  # complete after this long without a new instance
+    # a series that declares its size completes this long after its last instance
+    settle_seconds: Annotated[float, Field(ge=0, le=1.0)] = 0.5
+    late_instance_policy: Literal["reprocess", "ignore"] = "reprocess"
+
+
+class RulesConfig(Section):
     """Declarative selection; every criterion must hold for a series to be processed."""
 
-    modalities: list[str] = field(default_factory=lambda: ["MR"])
-    sop_classes: list[str] = field(default_factory=lambda: [
-        "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
-        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
-    ])
-    orientation: str = "sagittal"  # sagittal | axial | coronal | any
-    max_obliquity_deg: float = 25.0
+    modalities: list[str] = ["MR"]
+    # MR Image Storage. Enhanced MR (multi-frame) is not selected: the synthesiser reads single-frame slices.
+    sop_classes: list[str] = ["1.2.840.10008.5.1.4.1.1.4"]
+    orientation: Literal["sagittal", "axial", "coronal", "any"] = "sagittal"
+    max_obliquity_deg: Annotated[float, Field(ge=0, le=90)] = 25.0
     description_include: str = ""  # optional regex the SeriesDescription must match
     description_exclude: str = r"(?i)(\bt1|t1w|t1_|_t1|pd\b|pdw|dwi|diff|adc|\btrace|localizer|scout|survey|mip|dixon_(w|in|opp))"
     require_t2: bool = True
     require_fat_suppression: bool = True
     accept_stir: bool = False
-    min_slices: int = 8
-    max_slices: int = 64
+    min_slices: Annotated[int, Field(ge=1)] = 8
+    max_slices: Annotated[int, Field(ge=1)] = 64
     require_consistent_geometry: bool = True
 
-    def validate(self, where: str) -> None:
-        if self.orientation not in ("sagittal", "axial", "coronal", "any"):
-            raise ConfigError(f"{where}.orientation: must be sagittal, axial, coronal or any")
-        if not 0 <= self.max_obliquity_deg <= 90:
-            raise ConfigError(f"{where}.max_obliquity_deg: must be between 0 and 90")
-        for key in ("description_include", "description_exclude"):
-            try:
-                re.compile(getattr(self, key))
-            except re.error as exc:
-                raise ConfigError(f"{where}.{key}: invalid regular expression: {exc}") from None
-        if self.min_slices < 1 or self.max_slices < self.min_slices:
-            raise ConfigError(f"{where}.min_slices/max_slices: need 1 <= min_slices <= max_slices")
+    @field_validator("description_include", "description_exclude")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _slice_range(self) -> "RulesConfig":
+        if self.max_slices < self.min_slices:
+            raise _KeyError("max_slices", f"must be >= min_slices ({self.min_slices})")
+        return self
 
 
-@dataclass
-class DestinationConfig:
-    name: str = ""
-    ae_title: str = ""
-    host: str = ""
-    port: int = 104
+class DestinationConfig(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    ae_title: AETitle
+    host: Annotated[str, Field(min_length=1)]
+    port: Port = 104
     tls: bool = False
-    ca_file: Path | None = None
+    ca_file: FilePath | None = None
 
-    def validate(self, where: str) -> None:
-        for key in ("name", "ae_title", "host"):
-            if not getattr(self, key):
-                raise ConfigError(f"{where}.{key}: missing (every destination needs name, ae_title and host)")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
-            raise ConfigError(f"{where}.name: letters, digits, '_', '.', '-' only, got {self.name!r}")
-        _check_ae(self.ae_title, f"{where}.ae_title")
-        _check_port(self.port, f"{where}.port")
-        if self.ca_file is not None and not Path(self.ca_file).is_file():
-            raise ConfigError(f"{where}.ca_file: no such file: {self.ca_file}")
+    @field_validator("ca_file")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
 
 
-@dataclass
-class DispatchConfig:
+class DispatchConfig(Section):
     calling_ae_title: str = ""  # default: the node's own AE title
-    backoff_initial_seconds: float = 30.0
-    backoff_max_seconds: float = 3600.0
-    give_up_after_seconds: float = 86400.0  # then the delivery goes to the dead letter
-    timeout_seconds: float = 60.0
+    backoff_initial_seconds: Positive = 30.0
+    backoff_max_seconds: Positive = 3600.0
+    give_up_after_seconds: Positive = 86400.0  # then the delivery goes to the dead letter
+    timeout_seconds: Positive = 60.0
 
-    def validate(self, where: str) -> None:
-        if self.calling_ae_title:
-            _check_ae(self.calling_ae_title, f"{where}.calling_ae_title")
-        _check_positive(where, "backoff_initial_seconds", "backoff_max_seconds", "give_up_after_seconds",
-                        "timeout_seconds", obj=self)
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _ae_title(value) if value else value
+
+    @model_validator(mode="after")
+    def _backoff(self) -> "DispatchConfig":
         if self.backoff_max_seconds < self.backoff_initial_seconds:
-            raise ConfigError(f"{where}.backoff_max_seconds: must be >= backoff_initial_seconds")
+            raise _KeyError("backoff_max_seconds", "must be >= backoff_initial_seconds")
+        return self
 
 
-@dataclass
-class RetentionConfig:
-    keep_hours: float = 72.0  # processed series and spool files older than this are removed
-    check_interval_minutes: float = 30.0
-
-    def validate(self, where: str) -> None:
-        _check_positive(where, "keep_hours", "check_interval_minutes", obj=self)
+class RetentionConfig(Section):
+    keep_hours: Positive = 72.0  # processed series and spool files older than this are removed
+    check_interval_minutes: Positive = 30.0
 
 
-@dataclass
-class MetricsConfig:
+class MetricsConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = 9108
-
-    def validate(self, where: str) -> None:
-        _check_port(self.port, f"{where}.port")
+    port: Port = 9108
 
 
-@dataclass
-class InferenceConfig:
-    model: str = "default"  # a folder under models/ or a path to a model folder
+class InferenceConfig(Section):
+    model: str = "default"  # a folder under models/ or a path to a model folder; "none": no synthesis
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    sampler: str = "fast"  # fast | ddpm
+    sampler: Literal["fast", "ddpm"] = "fast"
     # Unset (the default): the values the model card was validated with. Set them only to
     # override the card; they change the pixels, so they also change the output UIDs.
-    steps: int | None = None  # denoiser evaluations per sample (fast samplers)
-    warm_start: float | None = None  # noise level the Pix2Pix output is refined from (1.0 = pure noise)
-    samples: int | None = None  # samples averaged per slice (their SD is the uncertainty)
+    steps: Annotated[int, Field(ge=1)] | None = None  # denoiser evaluations per sample (fast samplers)
+    warm_start: Annotated[float, Field(gt=0, le=1.0)] | None = None  # noise level refined from (1.0 = pure noise)
+    samples: Annotated[int, Field(ge=1)] | None = None  # samples averaged per slice (their SD is the uncertainty)
     seed: int = 0
-    batch_size: int = 1  # slices per forward pass; the K samples of a slice already form a batch
-    timeout_seconds: float = 600.0  # watchdog per job: the inference process is killed and restarted
-    crash_retries: int = 1  # a job whose inference process dies is retried this often, then fails
-    start_timeout_seconds: float = 600.0  # for the inference process to load the model
+    batch_size: Annotated[int, Field(ge=1)] = 1  # slices per forward pass; the K samples of a slice already batch
+    timeout_seconds: Positive = 600.0  # watchdog per job: the inference process is killed and restarted
+    crash_retries: Annotated[int, Field(ge=0)] = 1  # a job whose inference process dies is retried this often
+    start_timeout_seconds: Positive = 600.0  # for the inference process to load the model
     banner: bool = True
 
-    def validate(self, where: str) -> None:
-        if not DEVICE_RE.fullmatch(self.device):
-            raise ConfigError(f"{where}.device: must be auto, cpu, cuda or cuda:N")
-        if self.sampler not in ("fast", "ddpm"):
-            raise ConfigError(f"{where}.sampler: must be 'fast' or 'ddpm'")
-        for key in ("steps", "samples", "batch_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{where}.{key}: must be >= 1")
-        if self.warm_start is not None and not 0.0 < self.warm_start <= 1.0:
-            raise ConfigError(f"{where}.warm_start: must be in (0, 1]")
-        _check_positive(where, "timeout_seconds", "start_timeout_seconds", obj=self)
-        if self.crash_retries < 0:
-            raise ConfigError(f"{where}.crash_retries: must be >= 0")
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE_RE.fullmatch(value):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
 
 
-@dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     level: str = "INFO"  # logs never carry patient names or IDs
 
-    def validate(self, where: str) -> None:
-        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"{where}.level: must be DEBUG, INFO, WARNING or ERROR")
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value
 
 
-@dataclass
-class Config:
-    node: NodeConfig = field(default_factory=NodeConfig)
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    series: SeriesConfig = field(default_factory=SeriesConfig)
-    rules: RulesConfig = field(default_factory=RulesConfig)
-    destinations: list[DestinationConfig] = field(default_factory=list)
-    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
-    retention: RetentionConfig = field(default_factory=RetentionConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    source: str = "<defaults>"
+class Config(Section):
+    node: NodeConfig = NodeConfig()
+    tls: TLSConfig = TLSConfig()
+    series: SeriesConfig = SeriesConfig()
+    rules: RulesConfig = RulesConfig()
+    destinations: list[DestinationConfig] = []
+    dispatch: DispatchConfig = DispatchConfig()
+    retention: RetentionConfig = RetentionConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    inference: InferenceConfig = InferenceConfig()
+    logging: LoggingConfig = LoggingConfig()
+    source: str = Field("<defaults>", exclude=True)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique(cls, destinations: list[DestinationConfig]) -> list[DestinationConfig]:
+        seen: set[str] = set()
+        for i, d in enumerate(destinations):
+            if d.name in seen:
+                raise ValueError(f"[{i}].name: duplicate name {d.name!r}")
+            seen.add(d.name)
+        return destinations
 
     @property
     def journal_path(self) -> Path:
@@ -243,33 +249,23 @@ class Config:
     def check_runtime(self) -> list[str]:
         """What `serve` needs of this machine beyond a well-formed file: a usable storage_dir and
         resolvable destinations. Returns warnings; raises ConfigError for a node that cannot run."""
-        try:
-            problem = storage_dir_problem(self.node.storage_dir)
+        problem = storage_dir_problem(self.node.storage_dir)
+        if problem:
+            raise ConfigError(f"{self.source}: [node].storage_dir: {problem}")
+        for i, dest in enumerate(self.destinations):
+            problem = host_problem(dest.host)
             if problem:
-                raise ConfigError(f"[node].storage_dir: {problem}")
-            for i, dest in enumerate(self.destinations):
-                problem = host_problem(dest.host)
-                if problem:
-                    raise ConfigError(f"[[destinations]][{i}].host: {problem}")
-        except ConfigError as exc:
-            raise ConfigError(f"{self.source}: {exc}") from None
+                raise ConfigError(f"{self.source}: [[destinations]][{i}].host: {problem}")
         if not self.destinations:
             return ["no [[destinations]] configured: synthetic series are made but sent nowhere"]
         return []
 
-    def validate(self) -> "Config":
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):
-                names = set()
-                for i, item in enumerate(value):
-                    item.validate(f"[[{f.name}]][{i}]")
-                    if item.name in names:
-                        raise ConfigError(f"[[{f.name}]][{i}].name: duplicate name {item.name!r}")
-                    names.add(item.name)
-            elif hasattr(value, "validate"):
-                value.validate(f"[{f.name}]")
-        return self
+
+class _KeyError(ValueError):
+    """Raised by a cross-field check to blame one key of its table."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
 
 
 def load_config(path: str | Path) -> Config:
@@ -289,78 +285,79 @@ def load_config(path: str | Path) -> Config:
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> Config:
-    try:
-        cfg = _build(Config, raw, "", base_dir)
-        cfg.source = source
-        return cfg.validate()
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def _build(cls: type, raw: Any, where: str, base_dir: Path | None) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'top level'}: expected a table, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{_key(where, unknown[0])}: unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, _key(where, name), base_dir)
-    return cls(**kwargs)
+        raise ConfigError(f"{source}: top level: expected a table, got {type(raw).__name__}")
+    try:
+        cfg = Config.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+    cfg.source = source
+    return cfg
 
 
-def _coerce(hint: Any, value: Any, where: str, base_dir: Path | None) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(args[0], value, where, base_dir)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        if dataclasses.is_dataclass(item):
-            return [_build(item, v, f"[[{where}]][{i}]", base_dir) for i, v in enumerate(value)]
-        return [_coerce(item, v, f"{where}[{i}]", base_dir) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"[{where}]", base_dir)
-    if hint is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a path string, got {type(value).__name__}")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() or base_dir is None else (base_dir / p)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__}")
-        return float(value)
-    if hint in (int, bool, str):
-        if type(value) is not hint:
-            raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover - programming error
+def _describe(error: dict) -> str:
+    """One pydantic error -> `[section].key: reason`, in the words the old hand-written checks used."""
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in
+                                                                     ("constrained-int", "constrained-float")))]
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "value_error" and message.startswith("[") and "]" in message:  # a list item: "[i]: reason"
+        index, message = message.split(": ", 1)
+        loc = [*loc, index]
+    elif kind == "value_error" and isinstance(ctx.get("error"), _KeyError):
+        key, message = message.split(": ", 1)
+        loc = [*loc, key]
+    where = _where(loc)
+    if kind == "extra_forbidden":
+        known = _known_keys(error["loc"][:-1])
+        return f"{where}: unknown key (known: {', '.join(known)})"
+    if kind == "missing":
+        return f"{where}: missing"
+    if kind in ("model_type", "dict_type") and len(loc) == 1:
+        return f"[{loc[0]}]: expected a table, got {type(value).__name__} {value!r}"
+    if kind.endswith("_type") or kind in ("int_from_float", "model_type", "list_type"):
+        expected = {"int_type": "int", "bool_type": "bool", "string_type": "str", "float_type": "a number",
+                    "list_type": "a list", "model_type": "a table", "dict_type": "a table"}.get(kind, kind[:-5])
+        return f"{where}: expected {expected}, got {type(value).__name__} {value!r}"
+    if kind == "literal_error":
+        return f"{where}: must be one of {ctx.get('expected')}, got {value!r}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{where}: must be {bounds[kind]} {limit}, got {value!r}"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: {value!r} does not match {ctx.get('pattern')}"
+    if kind == "string_too_short":
+        return f"{where}: missing"
+    return f"{where}: {message}"
 
 
-def _key(where: str, name: str) -> str:
-    if not where:
-        return name
-    return f"{where}.{name}" if where.startswith("[") else f"[{where}].{name}"
+def _where(loc: list) -> str:
+    """('node', 'port') -> [node].port; ('destinations', 0, 'host') -> [[destinations]][0].host."""
+    if not loc:
+        return "top level"
+    head, rest = loc[0], list(loc[1:])
+    if head == "destinations" and rest and isinstance(rest[0], int):
+        out = f"[[destinations]][{rest.pop(0)}]"
+    elif head == "destinations" and rest and str(rest[0]).startswith("["):
+        out = f"[[destinations]]{rest.pop(0)}"
+    elif rest:
+        out = f"[{head}]"
+    else:
+        return str(head)
+    for part in rest:
+        out += f"[{part}]" if isinstance(part, int) else (part if str(part).startswith("[") else f".{part}")
+    return out
 
 
-def _check_ae(value: str, where: str) -> None:
-    if not AE_TITLE_RE.fullmatch(value or "") or not value.strip() or "\\" in value:
-        raise ConfigError(f"{where}: AE title must be 1-16 printable characters without backslash, got {value!r}")
-
-
-def _check_port(value: int, where: str) -> None:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{where}: port must be 0-65535, got {value}")
-
-
-def _check_positive(where: str, *names: str, obj: Any) -> None:
-    for name in names:
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{where}.{name}: must be > 0")
+def _known_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = getattr(annotation, "__args__", (annotation,))[0] if part == "destinations" else annotation
+    return sorted(k for k in model.model_fields if k != "source")
 
 
 VIRTUAL_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))

@@ -27,26 +27,10 @@ BANNER_TEXT = "SYNTHETIC"
 SERIES_NUMBER_OFFSET = 1000
 ORIENTATION_MIN_COSINE = 0.01  # direction cosine components below this are not named
 
-# Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study module
-# attributes copied verbatim from the first source instance.
-PATIENT_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
-    "TypeOfPatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence",
-    "OtherPatientNames", "EthnicGroup", "PatientComments", "PatientSpeciesDescription",
-    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
-    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "PatientIdentityRemoved",
-    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
-    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "ReferringPhysicianIdentificationSequence", "StudyID", "AccessionNumber", "IssuerOfAccessionNumberSequence",
-    "StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "ProcedureCodeSequence",
-    "ReasonForPerformedProcedureCodeSequence", "AdmittingDiagnosesDescription", "PatientAge", "PatientSize",
-    "PatientWeight", "PatientSexNeutered", "Occupation", "AdditionalPatientHistory", "PregnancyStatus",
-    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
-)
-GEOMETRY_KEYWORDS = ("FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient",
-                     "ImageOrientationPatient", "SliceThickness")
+# Image Plane and Frame of Reference: copied from the source when the output keeps its grid. The
+# Type 2 ones are written empty when the source lacks them, so the modules are complete.
+GEOMETRY_TYPE1 = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+GEOMETRY_TYPE2 = ("PositionReferenceIndicator", "SliceThickness")
 
 
 def series_uid(source_series_uid: str, model_name: str, model_version: str, variant: str = "",
@@ -139,34 +123,73 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"image {number}: expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
-        if banner:
-            rgb = burn_banner(rgb)
-        on_grid = rgb.shape[:2] == (src.Rows, src.Columns) and all(
-            k in src for k in ("ImageOrientationPatient", "ImagePositionPatient", "FrameOfReferenceUID"))
-        orient = _orientation(src)
-        sc = hd.sc.SCImage(
-            pixel_array=np.ascontiguousarray(rgb), photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", study_instance_uid=src.StudyInstanceUID,
-            series_instance_uid=new_series, series_number=series_number,
+        out.append(SyntheticFusionImage(
+            src, burn_banner(rgb) if banner else rgb, banner=banner, series_instance_uid=new_series,
+            series_number=series_number, instance_number=number,
             sop_instance_uid=instance_uid(src.SOPInstanceUID, model_name, model_version, uid_variant, uid_prefix),
-            instance_number=number, manufacturer=manufacturer,
-            pixel_spacing=_pixel_spacing(src, rgb.shape[:2]),
-            patient_orientation=(orient[0][0], orient[1][0]),
-            transfer_syntax_uid=ExplicitVRLittleEndian, contributing_equipment=_equipment(src, equipment),
-            series_description=series_description, manufacturer_model_name=manufacturer_model_name,
-            software_versions=software_version, institution_name=institution_name,
-            institutional_department_name=institutional_department_name,
-            series_date=now.date(), series_time=now.time(), content_date=now.date(), content_time=now.time())
-        _copy_patient_study(src, sc)
-        sc.PatientOrientation = list(orient)  # all letters, e.g. PH\FP for an oblique sagittal slice
-        if on_grid:
-            for keyword in (*GEOMETRY_KEYWORDS, "PixelSpacing"):
-                if keyword in src:
-                    sc[keyword] = copy.deepcopy(src[keyword])
-        _mark_derived(sc, src, derivation, f"SYNTHETIC image from {model_name} {model_version}. "
-                      "Not acquired PET; not for diagnosis.", banner)
-        out.append(sc)
+            equipment=_equipment(src, equipment), derivation=derivation,
+            comments=f"SYNTHETIC image from {model_name} {model_version}. Not acquired PET; not for diagnosis.",
+            manufacturer=manufacturer, series_description=series_description,
+            manufacturer_model_name=manufacturer_model_name, software_versions=software_version,
+            institution_name=institution_name, institutional_department_name=institutional_department_name,
+            series_date=now.date(), series_time=now.time(), content_date=now.date(), content_time=now.time()))
     return out
+
+
+class SyntheticFusionImage(hd.sc.SCImage):
+    """One synthetic PET/T2FS fusion slice: an RGB Secondary Capture derived from one MR source slice.
+
+    The constructor makes it what it is: in the source's study, with the source's patient and study
+    attributes (highdicom's module tables; the character set and names byte for byte), on the
+    source's grid when the pixels are, DERIVED\\SECONDARY with Conversion Type SYN and Synthetic
+    Data YES, referencing its source slice, with the synthesiser as contributing equipment.
+    """
+
+    def __init__(self, source: Dataset, rgb: np.ndarray, *, banner: bool, series_instance_uid: str,
+                 series_number: int, sop_instance_uid: str, instance_number: int,
+                 equipment: Sequence[hd.ContributingEquipment], derivation: str, comments: str, manufacturer: str,
+                 **kwargs):
+        orient = _orientation(source)
+        super().__init__(
+            pixel_array=np.ascontiguousarray(rgb), photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", study_instance_uid=source.StudyInstanceUID,
+            series_instance_uid=series_instance_uid, series_number=series_number, sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number, manufacturer=manufacturer,
+            pixel_spacing=_pixel_spacing(source, rgb.shape[:2]), patient_orientation=(orient[0][0], orient[1][0]),
+            transfer_syntax_uid=ExplicitVRLittleEndian, contributing_equipment=equipment, **kwargs)
+        self.copy_patient_and_study_information(source)
+        if "SpecificCharacterSet" in source:
+            self.SpecificCharacterSet = copy.deepcopy(source.SpecificCharacterSet)
+        elif "SpecificCharacterSet" in self:
+            del self.SpecificCharacterSet
+        self.PatientOrientation = list(orient)  # all letters, e.g. PH\\FP for an oblique sagittal slice
+        on_grid = rgb.shape[:2] == (source.Rows, source.Columns) and all(k in source for k in GEOMETRY_TYPE1)
+        if on_grid:
+            for keyword in GEOMETRY_TYPE1 + GEOMETRY_TYPE2:
+                if keyword in source:
+                    self[keyword] = copy.deepcopy(source[keyword])
+                else:
+                    setattr(self, keyword, None)  # Type 2: present, empty
+        if "BodyPartExamined" in source:
+            self.BodyPartExamined = source.BodyPartExamined
+        for keyword in ("Laterality", "ImageLaterality"):
+            if keyword in source:
+                self[keyword] = copy.deepcopy(source[keyword])
+        if "BodyPartExamined" not in self and "Laterality" not in self:
+            self.Laterality = None  # Type 2C: the body part is unknown, so may be paired: present, empty
+        if source.get("LossyImageCompression") == "01":
+            self.LossyImageCompression = "01"
+        self.ImageType = ["DERIVED", "SECONDARY"]
+        self.ConversionType = "SYN"
+        self.SyntheticData = "YES"
+        self.BurnedInAnnotation = "YES" if banner else "NO"
+        self.DerivationDescription = derivation[:1024]
+        self.ImageComments = comments
+        self.SourceImageSequence = [_reference(source, with_purpose=True)]
+        ref_series = Dataset()
+        ref_series.SeriesInstanceUID = source.SeriesInstanceUID
+        ref_series.ReferencedInstanceSequence = [_reference(source, with_purpose=False)]
+        self.ReferencedSeriesSequence = [ref_series]
 
 
 def _check_own_text(**values: str | None) -> None:
@@ -176,36 +199,6 @@ def _check_own_text(**values: str | None) -> None:
             raise ValueError(f"{key} must be ASCII (it is written in the source's character set)")
     if len(values["series_description"] or "") > 64:
         raise ValueError("series_description is longer than 64 characters")
-
-
-def _mark_derived(sc: Dataset, src: Dataset, derivation: str, comments: str, banner: bool) -> None:
-    """The attributes that say what this image is, where it came from and that it is synthetic."""
-    if "BodyPartExamined" in src:
-        sc.BodyPartExamined = src.BodyPartExamined
-    if src.get("LossyImageCompression") == "01":
-        sc.LossyImageCompression = "01"
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.ConversionType = "SYN"
-    sc.SyntheticData = "YES"
-    sc.BurnedInAnnotation = "YES" if banner else "NO"
-    sc.DerivationDescription = derivation[:1024]
-    sc.ImageComments = comments
-    sc.SourceImageSequence = [_reference(src, with_purpose=True)]
-    ref_series = Dataset()
-    ref_series.SeriesInstanceUID = src.SeriesInstanceUID
-    ref_series.ReferencedInstanceSequence = [_reference(src, with_purpose=False)]
-    sc.ReferencedSeriesSequence = [ref_series]
-
-
-def _copy_patient_study(src: Dataset, dst: Dataset) -> None:
-    """Copy patient/study elements and the character set unchanged (type 2 stays empty if absent)."""
-    if "SpecificCharacterSet" in src:
-        dst.SpecificCharacterSet = copy.deepcopy(src.SpecificCharacterSet)
-    elif "SpecificCharacterSet" in dst:
-        del dst.SpecificCharacterSet
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in src:
-            dst[keyword] = copy.deepcopy(src[keyword])
 
 
 def _orientation(src: Dataset) -> tuple[str, str]:

@@ -120,11 +120,11 @@ def stack_of(geometries: Sequence[SliceGeometry], names: Sequence[str] | None = 
     ref = geometries[0]
     for g, name in zip(geometries, names):
         if np.max(np.abs(np.subtract(g.orientation, ref.orientation))) > ORIENTATION_TOL:
-            raise GeometryError(f"{name}: orientation differs from the first slice")
+            raise GeometryError(f"{name}: Image Orientation (Patient) differs from the first slice")
         if (g.rows, g.cols) != (ref.rows, ref.cols):
             raise GeometryError(f"{name}: matrix {g.rows}x{g.cols} differs from {ref.rows}x{ref.cols}")
         if not np.allclose(g.pixel_spacing, ref.pixel_spacing, rtol=SPACING_RTOL, atol=0):
-            raise GeometryError(f"{name}: pixel spacing {g.pixel_spacing} differs from {ref.pixel_spacing}")
+            raise GeometryError(f"{name}: Pixel Spacing {g.pixel_spacing} differs from {ref.pixel_spacing}")
     normal = ref.normal
     where = [float(np.dot(normal, g.position)) for g in geometries]
     order = sorted(range(len(geometries)), key=where.__getitem__)

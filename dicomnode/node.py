@@ -53,7 +53,9 @@ class Synthesis:
     def __call__(self):
         from dicomnode.synthesize import load_synthesizer
 
-        return load_synthesizer(self.inference)
+        synthesizer = load_synthesizer(self.inference)
+        synthesizer.warm_up()  # one-off kernel and allocator set-up happens now, not in the first job
+        return synthesizer
 
 
 def _bind_error(what: str, key: str, host: str, port: int, exc: OSError) -> StartError:

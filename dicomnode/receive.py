@@ -212,7 +212,7 @@ class StoreSCP:
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
         with self.journal.series_lock(series_uid):  # retention cannot remove it between write and journal
             try:
-                size = write_atomic(path, part10_chunks(meta, req.DataSet.getvalue()))
+                size = write_atomic(path, part10_chunks(meta, event.encoded_dataset(include_meta=False)))
             except OSError as exc:
                 log.error("C-STORE refused (0xA700): cannot write instance to the spool: %s", exc)
                 return STATUS_OUT_OF_RESOURCES

@@ -8,17 +8,16 @@ or `FatSat` in Scan Options, Philips `T2W_TSE_SPAIR` / `SPIR`; STIR optionally.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 from pydicom import Dataset, dcmread
 
 from dicomnode.config import RulesConfig
+from dicomnode.geometry import GeometryError, plane_of, slice_geometry, stack_of
 
 RULE_NAME = "sagittal-t2-fatsat"
 T2_RE = re.compile(r"(?i)(t2|\bfse\b|\btse\b.*\b(fs|spair|spir)\b)")
@@ -78,18 +77,6 @@ def _orientation(ds: Dataset) -> list[float] | None:
     return vals if len(vals) == 6 else None
 
 
-def plane_of(iop: Sequence[float]) -> tuple[str, float]:
-    """The anatomical plane nearest to the slice normal, and the angle (degrees) away from it."""
-    normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
-    norm = float(np.linalg.norm(normal))
-    if norm < 1e-6:
-        return "invalid", 90.0
-    normal = np.abs(normal / norm)
-    axis = int(np.argmax(normal))
-    angle = math.degrees(math.acos(min(1.0, float(normal[axis]))))
-    return ("sagittal", "coronal", "axial")[axis], angle
-
-
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
@@ -125,11 +112,15 @@ def evaluate(cfg: RulesConfig, series_uid: str, headers: Sequence[Dataset]) -> D
     desc = _text(first, "SeriesDescription") or _text(first, "ProtocolName")
     checks = _Checks()
     slices = _frame_count(headers)
+    frames = max(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers)
 
     modality = _text(first, "Modality")
     checks.add("modality", modality in cfg.modalities, f"{modality or 'missing'} (want {', '.join(cfg.modalities)})")
     sop_classes = {_text(ds, "SOPClassUID") for ds in headers}
     checks.add("sop_class", sop_classes <= set(cfg.sop_classes), ", ".join(sorted(sop_classes)))
+    checks.add("single_frame", frames == 1,
+               "single-frame slices" if frames == 1 else f"a multi-frame object ({frames} frames, e.g. Enhanced MR): "
+               "the synthesiser reads single-frame slices only; export the series as classic MR images")
     checks.add("slices", cfg.min_slices <= slices <= cfg.max_slices,
                f"{slices} (want {cfg.min_slices}-{cfg.max_slices})")
     if cfg.description_include:
@@ -189,32 +180,16 @@ def evaluate(cfg: RulesConfig, series_uid: str, headers: Sequence[Dataset]) -> D
 
 
 def _geometry(headers: Sequence[Dataset]) -> tuple[bool, str]:
-    if len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1:
-        return True, "single multi-frame object"
-    iops = [_orientation(ds) for ds in headers]
-    if any(i is None for i in iops):
-        return False, "an instance lacks Image Orientation (Patient)"
-    if np.max(np.abs(np.asarray(iops) - np.asarray(iops[0]))) > 1e-3:
-        return False, "orientation differs between instances"
-    shapes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in headers}
-    if len(shapes) != 1:
-        return False, f"matrix differs between instances: {sorted(shapes)}"
-    spacings = {tuple(round(float(v), 4) for v in ds.get("PixelSpacing", [])) for ds in headers}
-    if len(spacings) != 1:
-        return False, "pixel spacing differs between instances"
     try:
-        positions = [tuple(float(v) for v in ds.ImagePositionPatient) for ds in headers]
-    except (AttributeError, TypeError, ValueError):
-        return False, "an instance lacks Image Position (Patient)"
-    normal = np.cross(np.asarray(iops[0][:3]), np.asarray(iops[0][3:]))
-    depth = sorted(float(np.dot(normal, p)) for p in positions)
-    if len({round(d, 2) for d in depth}) != len(depth):
-        return False, "two instances share a slice position"
-    gaps = np.diff(depth)
-    if len(gaps) and (gaps.max() - gaps.min()) > max(0.1, 0.05 * float(np.median(gaps))):
-        return False, f"uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm)"
-    rows, cols = next(iter(shapes))
-    return True, f"{len(headers)} slices {rows}x{cols}, spacing {float(np.median(gaps)) if len(gaps) else 0:.2f} mm"
+        stack = stack_of([slice_geometry(ds) for ds in headers], [_label(ds) for ds in headers])
+    except GeometryError as exc:
+        return False, str(exc)
+    first = stack.slices[0]
+    return True, f"{len(headers)} slices {first.rows}x{first.cols}, spacing {stack.gap:.2f} mm"
+
+
+def _label(ds: Dataset) -> str:
+    return f"instance #{ds.get('InstanceNumber', '?')}"
 
 
 def evaluate_paths(cfg: RulesConfig, paths: Iterable[Path]) -> list[Decision]:

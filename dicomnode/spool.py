@@ -76,7 +76,10 @@ def write_atomic(path: Path, chunks: Iterable[bytes]) -> int:
 
 
 def part10_chunks(file_meta: Dataset, encoded_dataset: bytes) -> list[bytes]:
-    """The bytes of a DICOM Part 10 file: preamble, 'DICM', file meta, then the data set as received."""
+    """The bytes of a DICOM Part 10 file: preamble, 'DICM', file meta, then the data set as received.
+
+    Like pynetdicom's `Event.encoded_dataset(include_meta=True)`, but as two chunks, so the data
+    set (often half a megabyte) is written as received instead of copied into one new buffer."""
     from io import BytesIO
 
     buf = BytesIO()

@@ -141,6 +141,14 @@ class Synthesizer:
                     self.progress(min(start + s.batch_size, len(batch)), len(batch))
         return np.concatenate(out)
 
+    def warm_up(self) -> None:
+        """Translate one blank slice, so the first real series does not pay for lazy initialisation."""
+        from dicomnode.infer.grid import MODEL_GRID
+
+        with self._lock:
+            self.translate(np.zeros((1, 1, MODEL_GRID, MODEL_GRID), dtype=np.float32))
+            heap.trim()
+
     def process(self, series: CompleteSeries | None, datasets: Sequence[Dataset | str | os.PathLike]) -> ProcessResult:
         """Synthesise one series; raise with a reason (the Worker marks the job failed)."""
         with self._lock:

@@ -1,14 +1,15 @@
 import json
 
 import pytest
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from nodehelpers import make_raw_config, write_toml
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import config_from_dict
 from dicomnode.node import Node
+
+from conftest import dcmtk, run
+from dicomfactory import make_series
+from nodehelpers import make_raw_config, write_toml
 
 COMMANDS = [[], ["serve"], ["echo"], ["send"], ["status"], ["rules"], ["rules", "test"], ["queue"],
             ["queue", "list"], ["queue", "retry"], ["queue", "purge"]]

@@ -6,16 +6,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, free_port, run
-from dicomfactory import make_series
-from doubles import CopyProcessor
-from nodehelpers import make_raw_config, write_toml
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import config_from_dict
 from dicomnode.dispatch import backoff_delay
 from dicomnode.node import Node
+
+from conftest import dcmtk, free_port, run
+from dicomfactory import make_series
+from doubles import CopyProcessor
+from nodehelpers import make_raw_config, write_toml
 
 pytestmark = pytest.mark.integration
 

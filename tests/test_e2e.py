@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dcmtk, free_port, run
-from nodehelpers import make_raw_config
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
-from tinymodel import TINY_INFERENCE, make_tiny_model, rotate_series, slice_location
 
 from dicomnode.config import InferenceConfig, config_from_dict
 from dicomnode.encode import instance_uid, series_uid
@@ -27,6 +24,10 @@ from dicomnode.node import Node, Synthesis
 from dicomnode.spool import Spool
 from dicomnode.synthesize import load_synthesizer
 from dicomnode.tools.phantom import write_case
+
+from conftest import dcmtk, free_port, run
+from nodehelpers import make_raw_config
+from tinymodel import TINY_INFERENCE, make_tiny_model, rotate_series, slice_location
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from synthmr import make_series
 
 from dicomnode.encode import SERIES_DESCRIPTION, burn_banner, encode_series, patient_orientation
 from dicomnode.infer.preprocess import outputs_to_rgb, prepare_series
+
+from synthmr import make_series
 
 MODEL = dict(model_name="pix2pix-cddpm", model_version="1.2.0")
 
@@ -188,3 +189,34 @@ def test_no_torch_import():
     """The encoder must stay importable (and cheap) in processes that never load the model."""
     code = "import sys, dicomnode.encode; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+
+
+# What the MR Image IOD requires of a source (Type 1) and nothing more: every Type 2 and Type 3
+# attribute a vendor may omit or leave out is removed before encoding.
+SOURCE_TYPE1 = {
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "FrameOfReferenceUID",
+    "ImageType", "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SamplesPerPixel",
+    "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "PixelData",
+}
+
+
+def test_output_is_conformant_from_a_minimal_source(tmp_path):
+    """A source with no Position Reference Indicator, no patient name or ID, no study date... (all
+    Type 2 or 3) still gives outputs whose every module is complete, as dciodvfy checks it."""
+    series = make_series(3)
+    for ds in series:
+        for elem in list(ds):
+            if elem.keyword not in SOURCE_TYPE1:
+                del ds[elem.tag]
+    assert "PositionReferenceIndicator" not in series[0] and "PatientName" not in series[0]
+    outs = encode_series(series, rgb_like(series), **MODEL)
+    paths, back = write_and_read(outs, tmp_path)
+    for path, ds in zip(paths, back):
+        assert dciodvfy_errors(path) == []
+        assert ds.PositionReferenceIndicator == "" and ds.FrameOfReferenceUID == series[0].FrameOfReferenceUID
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                        "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+            assert keyword in ds and ds[keyword].value in ("", None), keyword  # Type 2: present, empty
+        assert ds.SyntheticData == "YES" and ds.ConversionType == "SYN"

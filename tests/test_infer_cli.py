@@ -10,16 +10,17 @@ import json
 from pathlib import Path
 
 import pytest
-from nodehelpers import write_toml
 from PIL import Image
 from pydicom import dcmread
-from tinymodel import TINY_INFERENCE, make_tiny_model
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import InferenceConfig
 from dicomnode.synthesize import DEFAULT_MODEL
 from dicomnode.tools.phantom import write_case
+
+from nodehelpers import write_toml
+from tinymodel import TINY_INFERENCE, make_tiny_model
 
 runner = CliRunner()
 

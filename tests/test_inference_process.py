@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dicomnode.config import config_from_dict
+from dicomnode.journal import JobState
+from dicomnode.node import Node
+
 from conftest import dcmtk, free_port, run, wait_for_node
 from dicomfactory import make_series
 from doubles import MisbehavingProcessor
 from nodehelpers import make_raw_config, write_toml
 from tinymodel import TINY_INFERENCE, make_tiny_model
-
-from dicomnode.config import config_from_dict
-from dicomnode.journal import JobState
-from dicomnode.node import Node
 
 pytestmark = pytest.mark.integration
 

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from conftest import free_port, wait_for_node
 from dicomfactory import make_series
 from nodehelpers import make_raw_config, write_toml

@@ -20,10 +20,11 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from synthmr import make_series
 
 from dicomnode.infer.grid import GridPlacement, normalize_series, rgb_to_unit
 from dicomnode.infer.preprocess import PreparedSeries, SeriesError, outputs_to_rgb, prepare_series
+
+from synthmr import make_series
 
 
 def expected_batch(series) -> np.ndarray:

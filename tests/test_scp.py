@@ -3,13 +3,14 @@
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from nodehelpers import dataset_bytes, make_config, sop_uid
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from dicomnode.node import Node
+
+from conftest import dcmtk, run
+from dicomfactory import make_series
+from nodehelpers import dataset_bytes, make_config, sop_uid
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from pydicom import dcmread
-from tinymodel import TINY_INFERENCE, make_tiny_model, slice_location
 
 from dicomnode.config import InferenceConfig
 from dicomnode.infer.model import ModelError
@@ -30,6 +29,8 @@ from dicomnode.synthesize import (
     settings_from,
 )
 from dicomnode.tools.phantom import write_case
+
+from tinymodel import TINY_INFERENCE, make_tiny_model, slice_location
 
 
 @pytest.fixture(scope="module")

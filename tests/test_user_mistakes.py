@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import dcmtk, free_port, run, wait_for_node
 from dicomfactory import make_series
 from nodehelpers import make_raw_config, write_toml

@@ -23,6 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicomnode.geometry import ORIENTATION_TOL, GeometryError, make_geometry, stack_of
 from dicomnode.infer.grid import MODEL_GRID, GridPlacement, normalize_series, rgb_to_unit
 
 log = logging.getLogger(__name__)
@@ -105,26 +106,21 @@ class BrokenPair(Exception):
 
 
 def _normal(iop: Sequence[float]) -> np.ndarray:
-    return np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    n = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    return n / np.linalg.norm(n)
 
 
 def _check_mr(mr: list[Inst]) -> tuple[list[Inst], list[float]]:
-    """MR series sorted along its normal; raise BrokenPair on inconsistent or gappy series."""
+    """MR series sorted along its normal; raise BrokenPair on inconsistent or gappy series (the
+    node's own geometry checks, `dicomnode.geometry`)."""
     first = mr[0]
-    if first.iop is None or first.spacing is None or any(m.ipp is None for m in mr):
-        raise BrokenPair("mismatched geometry: MR series without position/orientation/spacing")
-    for m in mr:
-        if (m.rows, m.cols) != (first.rows, first.cols) or m.spacing != first.spacing \
-                or not np.allclose(m.iop, first.iop, atol=1e-3):
-            raise BrokenPair("mismatched geometry: MR slices differ in matrix, spacing or orientation")
-    n = _normal(first.iop)
-    ordered = sorted(mr, key=lambda m: m.position(n))
-    pos = [m.position(n) for m in ordered]
-    steps = np.diff(pos)
-    if len(steps) and np.min(steps) < 1e-3:
-        raise BrokenPair("mismatched geometry: two MR slices share a position")
-    if len(steps) > 1 and np.max(steps) > 1.5 * np.median(steps):
-        raise BrokenPair("missing slices: gap in the MR slice positions")
+    try:
+        stack = stack_of([make_geometry(m.rows, m.cols, m.spacing, m.ipp, m.iop) for m in mr],
+                         [f"MR slice #{m.instance_number}" for m in mr])
+    except GeometryError as exc:
+        kind = "missing slices" if "uneven" in str(exc) else "mismatched geometry"
+        raise BrokenPair(f"{kind}: {exc}") from None
+    ordered, pos = [mr[i] for i in stack.order], list(stack.locations)
     expected = first.images_in_acquisition
     if expected and expected > len(mr):
         raise BrokenPair(f"missing slices: MR series has {len(mr)} of {expected} images")
@@ -155,7 +151,7 @@ def pair_series(fusion: list[Inst], mr_by_sop: dict[str, Inst], series: dict[str
         # No references (some workstations): match by position within the same frame of reference.
         cands = [s for s in series.values() if s[0].study_uid == study and s[0].sop_class == MR_STORAGE
                  and s[0].frame_uid == fusion[0].frame_uid and s[0].iop is not None
-                 and np.allclose(s[0].iop, fusion[0].iop, atol=1e-3)]
+                 and np.allclose(s[0].iop, fusion[0].iop, atol=ORIENTATION_TOL)]
         if len(cands) != 1:
             raise BrokenPair(f"cannot place fusion images: {len(cands)} MR series share their plane")
         mr, pos = _check_mr(cands[0])

@@ -15,27 +15,12 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.pixels import apply_rescale
 
+from dicomnode.geometry import GeometryError, SliceGeometry, slice_geometry, stack_of
 from dicomnode.infer.grid import MODEL_GRID, GridPlacement, normalize_series, unit_to_rgb
-
-ORIENTATION_TOL = 1e-3  # max difference of direction cosines between slices
-SPACING_RTOL = 1e-3  # relative pixel spacing tolerance between slices
-POSITION_TOL_MM = 1e-3  # two slices closer than this along the normal are duplicates
 
 
 class SeriesError(ValueError):
     """The series cannot be turned into a model batch; the message says which instance and why."""
-
-
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Where one source slice lies; kept so outputs can be mapped back and encoded on its grid."""
-
-    rows: int
-    cols: int
-    pixel_spacing: tuple[float, float]
-    position: tuple[float, float, float]
-    orientation: tuple[float, float, float, float, float, float]
-    location: float  # position projected on the slice normal, mm
 
 
 @dataclass(frozen=True)
@@ -57,16 +42,15 @@ def prepare_series(items: Sequence[Dataset | str | PathLike], size: int = MODEL_
     if not items:
         raise SeriesError("empty series")
     datasets = [_read(item) for item in items]
-    geoms = [_geometry(ds, _name(ds, item)) for ds, item in zip(datasets, items)]
-    normal = _check_consistent(datasets, geoms, items)
-    order = sorted(range(len(datasets)), key=lambda i: geoms[i].location)
-    for a, b in zip(order, order[1:]):
-        if geoms[b].location - geoms[a].location < POSITION_TOL_MM:
-            raise SeriesError(f"{_name(datasets[a], items[a])} and {_name(datasets[b], items[b])} "
-                              f"lie at the same position ({geoms[a].location:.3f} mm along the normal)")
-    datasets = [datasets[i] for i in order]
-    geoms = [geoms[i] for i in order]
-    items = [items[i] for i in order]
+    names = [_name(ds, item) for ds, item in zip(datasets, items)]
+    _check_members(datasets, names)
+    try:
+        stack = stack_of([_geometry(ds, name) for ds, name in zip(datasets, names)], names, require_even=False)
+    except GeometryError as exc:
+        raise SeriesError(str(exc)) from None
+    datasets = [datasets[i] for i in stack.order]
+    items = [items[i] for i in stack.order]
+    geoms, normal = list(stack.slices), stack.normal
     volume = np.stack([_pixels(ds, _name(ds, item)) for ds, item in zip(datasets, items)])
     volume = normalize_series(volume)
     placements = [GridPlacement.for_image(g.rows, g.cols, g.pixel_spacing, size=size) for g in geoms]
@@ -102,40 +86,23 @@ def _name(ds: Dataset, item: object) -> str:
 
 def _geometry(ds: Dataset, name: str) -> SliceGeometry:
     try:
-        iop = tuple(float(v) for v in ds.ImageOrientationPatient)
-        ipp = tuple(float(v) for v in ds.ImagePositionPatient)
-        spacing = tuple(float(v) for v in ds.PixelSpacing)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise SeriesError(f"{name}: missing or invalid geometry ({exc})") from exc
-    if len(iop) != 6 or len(ipp) != 3 or len(spacing) != 2 or min(spacing) <= 0:
-        raise SeriesError(f"{name}: malformed Image Orientation/Position (Patient) or Pixel Spacing")
-    normal = np.cross(iop[:3], iop[3:])
-    if not 0.9 < np.linalg.norm(normal) < 1.1:
-        raise SeriesError(f"{name}: Image Orientation (Patient) is not two orthogonal unit vectors")
-    return SliceGeometry(rows, cols, spacing, ipp, iop, float(np.dot(normal / np.linalg.norm(normal), ipp)))
+        return slice_geometry(ds)
+    except GeometryError as exc:
+        raise SeriesError(f"{name}: missing or invalid geometry: {exc}") from None
 
 
-def _check_consistent(datasets: list[Dataset], geoms: list[SliceGeometry], items: Sequence) -> tuple:
-    ref_ds, ref = datasets[0], geoms[0]
+def _check_members(datasets: list[Dataset], names: list[str]) -> None:
+    """One series, each instance once, single-frame greyscale."""
+    ref = datasets[0]
     seen: set[str] = set()
-    for ds, g, item in zip(datasets, geoms, items):
-        name = _name(ds, item)
-        if ds.get("SeriesInstanceUID") != ref_ds.get("SeriesInstanceUID"):
+    for ds, name in zip(datasets, names):
+        if ds.get("SeriesInstanceUID") != ref.get("SeriesInstanceUID"):
             raise SeriesError(f"{name} belongs to another series")
         if ds.get("SOPInstanceUID") in seen:
             raise SeriesError(f"{name} appears twice")
         seen.add(ds.get("SOPInstanceUID"))
-        if (g.rows, g.cols) != (ref.rows, ref.cols):
-            raise SeriesError(f"{name}: matrix {g.rows}x{g.cols} differs from {ref.rows}x{ref.cols}")
-        if np.max(np.abs(np.subtract(g.orientation, ref.orientation))) > ORIENTATION_TOL:
-            raise SeriesError(f"{name}: Image Orientation (Patient) differs from the first slice")
-        if not np.allclose(g.pixel_spacing, ref.pixel_spacing, rtol=SPACING_RTOL, atol=0):
-            raise SeriesError(f"{name}: Pixel Spacing {g.pixel_spacing} differs from {ref.pixel_spacing}")
         if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise SeriesError(f"{name}: only single-frame greyscale images are supported")
-    n = np.cross(ref.orientation[:3], ref.orientation[3:])
-    return tuple(float(v) for v in n / np.linalg.norm(n))
 
 
 def _pixels(ds: Dataset, name: str) -> np.ndarray:
