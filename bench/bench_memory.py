@@ -36,9 +36,12 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (needs the same user or root)
 
 
-def children(pid: int) -> list[int]:
+def inference_pid(pid: int) -> int:
+    """The node's spawned inference process (not multiprocessing's resource tracker)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+    spawned = [int(p) for p in out if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    (child,) = spawned
+    return child
 
 
 def main() -> None:
@@ -85,8 +88,7 @@ port = {sink.port}
                 raise SystemExit("the node did not start")
             time.sleep(0.5)
         time.sleep(2)  # let the start settle
-        (infer_pid,) = children(node.pid)
-        pids = {"node": node.pid, "inference": infer_pid}
+        pids = {"node": node.pid, "inference": inference_pid(node.pid)}
         res = {"model": args.model, "case": f"{args.slices} x {args.rows}x{args.rows}"}
         for name, pid in pids.items():
             res[f"{name}_idle_rss_mib"] = round(status(pid, "VmRSS"))

@@ -34,7 +34,7 @@ from dicomnode.records import CompleteSeries, ProcessResult
 log = logging.getLogger("dicomnode.infer")
 
 DEFAULT_MODEL = "t2fs2petfusion"  # the shipped model's folder name; "default" resolves to it
-REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout or editable install
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"  # a source checkout or editable install
 PREFIX_MODELS = Path(sys.prefix) / "share" / "dicomnode" / "models"  # where `pip install .` puts models/
 SYSTEM_MODELS = Path("/usr/share/dicomnode/models")
 FAST_SAMPLERS = ("ddim", "dpmpp2m")

@@ -156,7 +156,7 @@ def test_serve_parent_memory_is_flat_over_20_jobs(tmp_path):
             if n in (10, 30):
                 rss[n] = rss_mb(proc.pid)
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        child_rss = sum(rss_mb(int(c)) for c in children)
+        child_rss = sum(rss_mb(int(c)) for c in children)  # the inference process and the resource tracker
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -149,3 +149,12 @@ def test_truncated_slice_fails_clearly_and_engine_recovers(synth, case, tmp_path
     with pytest.raises(SeriesError, match=Path(paths[2]).name):
         synth.process(None, paths)
     assert len(synth.process(None, case["mr"]).datasets) == len(case["mr"])  # lock released, engine usable
+
+
+def test_the_source_tree_models_folder_is_on_the_search_path():
+    from dicomnode.synthesize import REPO_MODELS, model_search_path
+
+    repo_models = Path(__file__).resolve().parents[1] / "models"
+    assert REPO_MODELS == repo_models and repo_models in model_search_path()
+    if (repo_models / DEFAULT_MODEL / "model.json").exists():  # a checkout with the shipped model
+        assert resolve_model("default") == repo_models / DEFAULT_MODEL
