@@ -19,6 +19,7 @@ from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Config
 from dicomnode.journal import Instance, Journal
+from dicomnode.listener import start_server
 from dicomnode.spool import InvalidUID, Spool, check_uid, part10_chunks, write_atomic
 
 log = logging.getLogger("dicomnode.scp")
@@ -91,7 +92,9 @@ class StoreSCP:
     def _make_ae(self) -> AE:
         node = self.cfg.node
         ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
+        # pynetdicom counts connections still waiting for their request too; the listener bounds
+        # those separately, and _on_requested enforces max_associations on real requests.
+        ae.maximum_associations = node.max_associations + 64
         ae.acse_timeout = node.acse_timeout
         ae.dimse_timeout = node.dimse_timeout
         ae.network_timeout = node.network_timeout
@@ -113,8 +116,10 @@ class StoreSCP:
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         node = self.cfg.node
-        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
-                                            ssl_context=self._ssl_context())
+        self._server = start_server(self.ae, (node.host, node.port), evt_handlers=handlers,
+                                    ssl_context=self._ssl_context(), allowed_networks=self._allowed_nets,
+                                    request_timeout=node.request_timeout,
+                                    max_pending_per_host=node.max_pending_per_host)
         log.info("listening as %s on %s:%s%s", node.ae_title, node.host, self.port,
                  " (TLS)" if self.cfg.tls.enabled else "")
 
@@ -141,7 +146,15 @@ class StoreSCP:
 
     # -- handlers ---------------------------------------------------------------------------
     def _on_requested(self, event) -> None:
-        """Reject callers from hosts outside the allowlist with A-ASSOCIATE-RJ (permanent)."""
+        """The A-ASSOCIATE-RQ has arrived: from now on ACSE waits `acse_timeout`. Enforce
+        max_associations on requests; reject hosts outside the allowlist (normally closed at accept)."""
+        event.assoc.acse_timeout = self.cfg.node.acse_timeout
+        if self._server is not None and self._server.requested() > self.cfg.node.max_associations:
+            log.warning("rejecting association from %s: %d associations already", event.assoc.requestor.address,
+                        self.cfg.node.max_associations)
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation: local limit exceeded
+            event.assoc.kill()
+            return
         if not self._allowed_nets:
             return
         address = event.assoc.requestor.address

@@ -1,5 +1,6 @@
 """The receiving side against real DCMTK peers (echoscu, storescu, dcmsend) on loopback."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,10 +60,14 @@ def test_unknown_calling_or_called_ae_is_rejected_at_association(node, port):
     assert bad.returncode != 0 and "Called AE Title Not Recognized" in bad.stdout + bad.stderr
 
 
-def test_host_outside_allowlist_is_rejected(tmp_path, port):
-    with Node(make_config(tmp_path, port, node={"allowed_hosts": ["10.99.0.0/16"]})):
+def test_host_outside_allowlist_is_closed_at_accept(tmp_path, port, caplog):
+    """The allowlist is checked on the TCP connection, before any association thread exists."""
+    with Node(make_config(tmp_path, port, node={"allowed_hosts": ["10.99.0.0/16"]})) as node:
+        threads = threading.active_count()
         bad = run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=False)
-        assert bad.returncode != 0 and "Association Rejected" in bad.stdout + bad.stderr
+        assert bad.returncode != 0
+        assert "closing connection from 127.0.0.1: not in allowed_hosts" in caplog.text
+        assert node.scp._server.pending() == 0 and threading.active_count() <= threads
 
 
 @pytest.mark.parametrize("sender", ["storescu", "dcmsend"])

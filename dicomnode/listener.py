@@ -1,0 +1,158 @@
+"""The listening socket, hardened against strangers (used by `receive.StoreSCP`).
+
+pynetdicom's server accepts a connection, wraps TLS in its accept loop and gives every
+connection an association thread that waits `acse_timeout` (30 s) for the A-ASSOCIATE-RQ; those
+waiting threads count against `max_associations`. So a dozen half-open connections lock every
+sender out, and one idle TCP connection stalls the accept loop while TLS waits for its handshake.
+This server instead:
+
+- checks `allowed_hosts` when the connection is accepted, and closes it before any thread exists;
+- caps connections that have not yet sent their A-ASSOCIATE-RQ, per host and in total;
+- gives the A-ASSOCIATE-RQ (and the TLS handshake, done in the connection's own thread) a short
+  deadline of its own (`request_timeout`), separate from `acse_timeout`;
+- counts only associations that have sent their request against `max_associations`;
+- listens with a backlog of 128 instead of 5.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+import weakref
+from typing import Any
+
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger("dicomnode.listener")
+
+LISTEN_BACKLOG = 128
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between two log lines about refused connections from one host
+
+
+class _Handler(RequestHandler):
+    """Creates the association with the short request deadline; `on_requested` restores acse_timeout."""
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        assoc.acse_timeout = self.server.request_timeout
+        self.server.track(self.client_address, assoc)
+        return assoc
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+
+    def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
+                 allowed_networks: list = (), request_timeout: float = 5.0, max_pending_per_host: int = 4,
+                 max_pending: int = 64):
+        self.allowed_networks = list(allowed_networks)
+        self.request_timeout = request_timeout
+        self.max_pending_per_host = max_pending_per_host
+        self.max_pending = max_pending
+        self._tls_context = ssl_context  # negotiated per connection, off the accept loop
+        self._lock = threading.Lock()
+        # (host, port) -> [accepted at, association or None until its thread has created it]
+        self._connections: dict[tuple, list] = {}
+        self._last_refusal_log: dict[str, float] = {}
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers, request_handler=_Handler)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def track(self, client_address: tuple, assoc) -> None:
+        with self._lock:
+            entry = self._connections.get(tuple(client_address[:2]))
+            if entry is not None:
+                entry[1] = weakref.ref(assoc)
+
+    def _live(self) -> list[tuple[str, Any]]:
+        """(host, association or None) of every connection that is still open or being set up."""
+        now, out = time.monotonic(), []
+        with self._lock:
+            for key, (accepted, ref) in list(self._connections.items()):
+                assoc = ref() if ref is not None else None
+                if assoc is not None and assoc.is_alive():
+                    out.append((key[0], assoc))
+                elif ref is None and now - accepted < self.request_timeout + 5:
+                    out.append((key[0], None))  # accepted; its thread has not created the association yet
+                else:
+                    del self._connections[key]
+        return out
+
+    def pending(self, host: str | None = None) -> int:
+        """Connections that have not sent their A-ASSOCIATE-RQ yet (of one host, or all)."""
+        return sum(1 for h, a in self._live() if (a is None or a.requestor.primitive is None) and host in (None, h))
+
+    def requested(self) -> int:
+        """Associations that have sent their request (negotiating or established)."""
+        return sum(1 for _, a in self._live() if a is not None and a.requestor.primitive is not None)
+
+    # -- the accept loop -----------------------------------------------------------------------
+    def get_request(self):
+        return self.socket.accept()  # TLS is negotiated later, in the connection's own thread
+
+    def verify_request(self, request, client_address) -> bool:
+        host = client_address[0]
+        why = None
+        if self.allowed_networks and not _allowed(host, self.allowed_networks):
+            why = "not in allowed_hosts"
+        elif self.pending(host) >= self.max_pending_per_host:
+            why = f"{self.max_pending_per_host} connections from this host have not sent an A-ASSOCIATE-RQ yet"
+        elif self.pending() >= self.max_pending:
+            why = f"{self.max_pending} connections have not sent an A-ASSOCIATE-RQ yet"
+        if why is None:
+            with self._lock:
+                self._connections[tuple(client_address[:2])] = [time.monotonic(), None]
+            return True
+        now = time.monotonic()
+        if now - self._last_refusal_log.get(host, 0.0) >= REFUSAL_LOG_INTERVAL:
+            self._last_refusal_log[host] = now
+            if len(self._last_refusal_log) > 1024:
+                self._last_refusal_log.clear()
+            log.warning("closing connection from %s: %s", host, why)
+        return False  # socketserver closes the socket
+
+    def process_request_thread(self, request, client_address) -> None:
+        if self._tls_context is not None:
+            try:
+                request.settimeout(self.request_timeout)
+                request = self._tls_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0], str(exc)[:120])
+                _close(request)
+                with self._lock:
+                    self._connections.pop(tuple(client_address[:2]), None)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def _allowed(host: str, networks: list) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def start_server(ae, address, *, evt_handlers, ssl_context, allowed_networks, request_timeout: float,
+                 max_pending_per_host: int) -> GuardedAssociationServer:
+    """Like `AE.start_server(block=False)`, with the guarded server."""
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
+                            server_class=GuardedAssociationServer, allowed_networks=allowed_networks,
+                            request_timeout=request_timeout, max_pending_per_host=max_pending_per_host)
+    thread = threading.Thread(target=server.serve_forever, name="dicomnode-accept", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so AE.shutdown() and server.shutdown() find it, as start_server does
+    return server
