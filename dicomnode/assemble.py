@@ -18,17 +18,22 @@ log = logging.getLogger("dicomnode.assemble")
 
 
 class Assembler:
-    def __init__(self, cfg: SeriesConfig, journal: Journal, metrics=None):
+    """Completes series. The quiet period never counts time the node was down: it runs from the
+    later of the last instance and `started_at`, so a sender that was cut off by a crash or a
+    restart has a full quiet period to resume before a partial series is taken as complete."""
+
+    def __init__(self, cfg: SeriesConfig, journal: Journal, metrics=None, started_at: float | None = None):
         self.cfg = cfg
         self.journal = journal
         self.metrics = metrics
+        self.started_at = time.time() if started_at is None else started_at
 
     def due(self, now: float | None = None) -> list[tuple[int, str]]:
         """Jobs whose series is complete now, with how ('declared' or 'quiet')."""
         now = time.time() if now is None else now
         out = []
         for job in self.journal.jobs([JobState.RECEIVED]):
-            quiet_for = now - job.last_instance_at
+            quiet_for = now - max(job.last_instance_at, self.started_at)
             if quiet_for >= self.cfg.quiet_seconds:
                 out.append((job.id, "quiet"))
             elif quiet_for >= self.cfg.settle_seconds and self.journal.declared_size_met(job.series_uid):

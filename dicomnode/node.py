@@ -124,6 +124,8 @@ class Node:
     def _work_step(self) -> bool:
         if self.worker is None:
             return False
+        if not self.worker.flush():  # an earlier outcome still waits for the journal (disk full)
+            return False
         jobs = self.journal.jobs([JobState.SELECTED], limit=1)
         if not jobs or self._stop.is_set():
             return False
@@ -147,6 +149,7 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Node":
+        self.assembler.started_at = time.time()
         recovered = self.journal.recover([d.name for d in self.cfg.destinations])
         if recovered:
             log.warning("re-queued %d job(s) interrupted by a restart", len(recovered))

@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -228,7 +229,11 @@ class InferenceProcess:
 
 
 class ProcessStage:
-    """Runs one selected job at a time through the inference process and records the outcome."""
+    """Runs one selected job at a time through the inference process and records the outcome.
+
+    An outcome the journal cannot record (SQLite: "database or disk is full") is kept here and
+    recorded by `flush()` once space returns, before any new job starts, so a job is never left
+    in 'processing' while the node runs. (After a restart, `Journal.recover` redoes such a job.)"""
 
     def __init__(self, inference: InferenceConfig, journal: Journal, spool: Spool, engine: InferenceProcess,
                  destinations: list[str], metrics=None):
@@ -238,6 +243,34 @@ class ProcessStage:
         self.engine = engine
         self.destinations = destinations
         self.metrics = metrics
+        self._unrecorded: dict[int, tuple[JobState, dict]] = {}
+
+    def flush(self) -> bool:
+        """Record outcomes that could not be recorded before; True when none is left."""
+        for job_id, (state, fields) in list(self._unrecorded.items()):
+            try:
+                self.journal.transition(job_id, state, expect=JobState.PROCESSING, **fields)
+            except sqlite3.OperationalError as exc:
+                log.error("job %d: still cannot record '%s' in the journal: %s", job_id, state, exc)
+                return False
+            del self._unrecorded[job_id]
+            log.warning("job %d: '%s' recorded now that the journal can be written", job_id, state)
+        for job in self.journal.jobs([JobState.ENCODED]):  # encoded, but not yet handed to dispatch
+            try:
+                self.journal.start_deliveries(job.id, self.destinations)
+            except sqlite3.OperationalError as exc:
+                log.error("job %d: cannot start its deliveries yet: %s", job.id, exc)
+                return False
+        return True
+
+    def _record(self, job_id: int, state: JobState, **fields) -> bool:
+        try:
+            self.journal.transition(job_id, state, expect=JobState.PROCESSING, **fields)
+            return True
+        except sqlite3.OperationalError as exc:  # e.g. disk full: keep it and try again later
+            log.error("job %d: cannot record '%s' in the journal (%s); will retry", job_id, state, exc)
+            self._unrecorded[job_id] = (state, fields)
+            return False
 
     def process(self, job: Job) -> str:
         """Process a selected job; return its new state ('sending', 'done', 'selected' or 'failed')."""
@@ -255,27 +288,30 @@ class ProcessStage:
             if job.attempts < self.inference.crash_retries:
                 log.error("job %d: %s; retrying (attempt %d of %d)", job.id, exc, job.attempts + 2,
                           self.inference.crash_retries + 1)
-                self.journal.transition(job.id, JobState.SELECTED, expect=JobState.PROCESSING,
-                                        attempts=job.attempts + 1, error=str(exc)[:2000])
+                self._record(job.id, JobState.SELECTED, attempts=job.attempts + 1, error=str(exc)[:2000])
                 return JobState.SELECTED
             return self._fail(job, str(exc), timings)
         except (InferenceFailed, InferenceTimeout) as exc:
             return self._fail(job, str(exc), timings)
         timings.update({k: round(v, 4) for k, v in result["timings"].items()})
         timings["process_total"] = round(time.perf_counter() - started, 4)
-        self.journal.transition(job.id, JobState.ENCODED, expect=JobState.PROCESSING, output_dir=str(out_dir),
-                                outputs=result["outputs"], timings=timings, error=None)
+        if not self._record(job.id, JobState.ENCODED, output_dir=str(out_dir), outputs=result["outputs"],
+                            timings=timings, error=None):
+            return JobState.PROCESSING
         if self.metrics:
             for stage, seconds in timings.items():
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
-        state = self.journal.start_deliveries(job.id, self.destinations)
+        try:
+            state = self.journal.start_deliveries(job.id, self.destinations)
+        except sqlite3.OperationalError as exc:
+            log.error("job %d: cannot start its deliveries yet (%s); will retry", job.id, exc)
+            return JobState.ENCODED
         log.info("job %d: %d derived instances written in %.2f s", job.id, result["outputs"], timings["process_total"])
         return state
 
     def _fail(self, job: Job, reason: str, timings: dict) -> str:
         log.error("job %d: processing failed: %s", job.id, reason)
-        self.journal.transition(job.id, JobState.FAILED, expect=JobState.PROCESSING, error=reason[:2000],
-                                timings=timings)
+        self._record(job.id, JobState.FAILED, error=reason[:2000], timings=timings)
         if self.metrics:
             self.metrics.jobs_finished.labels("failed").inc()
         return JobState.FAILED

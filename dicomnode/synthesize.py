@@ -177,10 +177,20 @@ class Synthesizer:
         t["postprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = encode_series(prepared.datasets, rgb, model_name=self.model_name, model_version=self.model.version,
-                            banner=self.banner, uid_variant=self.settings.digest(), **self.encode_options)
+                            banner=self.banner, uid_variant=output_variant(self.settings, prepared.datasets),
+                            **self.encode_options)
         t["encode"] = time.perf_counter() - t0
         n = len(prepared)
         return ProcessResult(out, t, {"slices": float(n), "infer_seconds_per_slice": t["infer"] / n})
+
+
+def output_variant(settings: Settings, sources: Sequence[Dataset]) -> str:
+    """What goes into the output UIDs besides the model: the sampler settings and the exact set of
+    source instances. The same series processed again gives the same UIDs (a re-send replaces);
+    a series whose set of instances changed (a late or missing slice) gives a new series, never
+    the same UIDs with different pixels."""
+    members = hashlib.sha256("\\".join(sorted(str(ds.SOPInstanceUID) for ds in sources)).encode()).hexdigest()
+    return f"{settings.digest()}/{members[:16]}"
 
 
 def release_memory(device: torch.device) -> None:

@@ -21,7 +21,7 @@ def receive(journal: Journal, series: str, n: int, at: float, declared: int | No
 
 def test_quiet_period_on_the_clock(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
-    assembler = Assembler(SeriesConfig(quiet_seconds=10.0, settle_seconds=0.5), journal)
+    assembler = Assembler(SeriesConfig(quiet_seconds=10.0, settle_seconds=0.5), journal, started_at=T0 - 60)
     job = receive(journal, "1.2.3.4", 5, T0, declared=None)
     assert assembler.complete_due(now=T0 + 9.99) == []
     assert assembler.complete_due(now=T0 + 10.0) == [job]
@@ -31,7 +31,7 @@ def test_quiet_period_on_the_clock(tmp_path):
 
 def test_declared_size_completes_after_the_settle_time(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
-    assembler = Assembler(SeriesConfig(quiet_seconds=30.0, settle_seconds=0.5), journal)
+    assembler = Assembler(SeriesConfig(quiet_seconds=30.0, settle_seconds=0.5), journal, started_at=T0 - 60)
     job = receive(journal, "1.2.3.4", 10, T0, declared=10)
     assert assembler.complete_due(now=T0 + 0.49) == []
     assert assembler.complete_due(now=T0 + 0.5) == [job]
@@ -40,7 +40,7 @@ def test_declared_size_completes_after_the_settle_time(tmp_path):
 
 def test_a_partial_declared_series_waits_for_the_quiet_period(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
-    assembler = Assembler(SeriesConfig(quiet_seconds=2.0, settle_seconds=0.5), journal)
+    assembler = Assembler(SeriesConfig(quiet_seconds=2.0, settle_seconds=0.5), journal, started_at=T0 - 60)
     job = receive(journal, "1.2.3.4", 7, T0, declared=10)
     assert assembler.complete_due(now=T0 + 1.99) == []
     assert assembler.complete_due(now=T0 + 2.0) == [job] and journal.job(job).completion == "quiet"
@@ -48,8 +48,21 @@ def test_a_partial_declared_series_waits_for_the_quiet_period(tmp_path):
 
 def test_each_new_instance_restarts_the_quiet_period(tmp_path):
     journal = Journal(tmp_path / "j.sqlite")
-    assembler = Assembler(SeriesConfig(quiet_seconds=2.0, settle_seconds=0.5), journal)
+    assembler = Assembler(SeriesConfig(quiet_seconds=2.0, settle_seconds=0.5), journal, started_at=T0 - 60)
     job = receive(journal, "1.2.3.4", 3, T0, declared=None)
     receive(journal, "1.2.3.4", 1, T0 + 1.5, declared=None, first=3)
     assert assembler.complete_due(now=T0 + 3.4) == []
     assert assembler.complete_due(now=T0 + 3.5) == [job]
+
+
+def test_time_the_node_was_down_does_not_count_as_quiet(tmp_path):
+    """A crash mid-series, then a restart 60 s later (longer than quiet_seconds): the partial series
+    gets a full quiet period from the restart for the sender to resume."""
+    journal = Journal(tmp_path / "j.sqlite")
+    job = receive(journal, "1.2.3.4", 5, T0, declared=10)  # 5 of 10, then the node died
+    restarted = T0 + 60.0
+    assembler = Assembler(SeriesConfig(quiet_seconds=10.0, settle_seconds=0.5), journal, started_at=restarted)
+    assert assembler.complete_due(now=restarted + 1.0) == []
+    receive(journal, "1.2.3.4", 5, restarted + 2.0, declared=10, first=5)  # the sender resumes
+    assert assembler.complete_due(now=restarted + 2.5) == [job]
+    assert journal.job(job).completion == "declared" and len(journal.instances("1.2.3.4")) == 10

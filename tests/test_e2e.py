@@ -22,7 +22,7 @@ from dicomnode.config import InferenceConfig, config_from_dict
 from dicomnode.encode import instance_uid, series_uid
 from dicomnode.node import Node, Synthesis
 from dicomnode.spool import Spool
-from dicomnode.synthesize import load_synthesizer
+from dicomnode.synthesize import load_synthesizer, output_variant
 from dicomnode.tools.phantom import write_case
 
 from conftest import dcmtk, free_port, run
@@ -126,7 +126,7 @@ def test_selected_series_yields_one_valid_output_per_slice(world, name):
     sources = [dcmread(p) for p in world["cases"][name]]
     assert len(outs) == len(sources) == SLICES
     s = world["synth"]
-    variant = s.settings.digest()
+    variant = output_variant(s.settings, sources)
     by_uid = {d.SOPInstanceUID: d for d in sources}
     assert {o.SOPInstanceUID for o in outs} == {instance_uid(u, "tinytest", "tiny-1", variant) for u in by_uid}
     assert {o.SeriesInstanceUID for o in outs} == {series_uid(sources[0].SeriesInstanceUID, "tinytest", "tiny-1",
