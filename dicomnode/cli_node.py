@@ -18,6 +18,8 @@ CONFIG_OPT = typer.Option(Path("/etc/dicomnode/node.toml"), "--config", "-c", he
 AEC_OPT = typer.Option("DICOMNODE", "--aec", help="Called AE title.")
 AET_OPT = typer.Option("DICOMNODE-SCU", "--aet", help="Calling AE title.")
 TLS_CA_OPT = typer.Option(None, "--tls-ca", help="Use TLS, trusting this CA file.")
+TLS_CERT_OPT = typer.Option(None, "--tls-cert", help="Client certificate (PEM), for a peer that requires one.")
+TLS_KEY_OPT = typer.Option(None, "--tls-key", help="The client certificate's private key (PEM).")
 
 rules_app = typer.Typer(help="Dry-run the selection rules.", no_args_is_help=True)
 queue_app = typer.Typer(help="Inspect and re-drive jobs in the journal.", no_args_is_help=True)
@@ -54,6 +56,11 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    from dicomnode.logs import RateLimit
+
+    limit = RateLimit()  # what a stranger can provoke (malformed PDUs, refused connections) cannot flood the log
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(limit)
 
 
 def serve(config: Path = CONFIG_OPT) -> None:
@@ -98,13 +105,16 @@ def echo(
     aet: str = AET_OPT,
     timeout: float = typer.Option(10.0, "--timeout"),
     tls_ca: Optional[Path] = TLS_CA_OPT,
+    tls_cert: Optional[Path] = TLS_CERT_OPT,
+    tls_key: Optional[Path] = TLS_KEY_OPT,
 ) -> None:
     """C-ECHO a DICOM peer (exit 0 on success)."""
-    from dicomnode.scu import AssociationFailed, client_tls_context
+    from dicomnode.scu import AssociationFailed
     from dicomnode.scu import echo as do_echo
 
+    tls = _client_tls(tls_ca is not None or tls_cert is not None, tls_ca, tls_cert, tls_key)
     try:
-        status = do_echo(host, port, aec, aet, timeout, tls=client_tls_context(tls_ca) if tls_ca else None)
+        status = do_echo(host, port, aec, aet, timeout, tls=tls)
     except (AssociationFailed, OSError) as exc:
         typer.echo(f"C-ECHO failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -288,12 +298,31 @@ def queue_purge(
     typer.echo(f"purged {removed} job(s)")
 
 
+def _client_tls(enabled: bool, ca: Path | None, cert: Path | None, key: Path | None):
+    from dicomnode.scu import client_tls_context
+
+    if not enabled:
+        return None
+    if (cert is None) != (key is None):
+        raise fail("--tls-cert and --tls-key go together", 2)
+    try:
+        return client_tls_context(ca, cert, key)
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot use the TLS files: {exc}", 2) from None
+
+
 def status(
     config: Path = CONFIG_OPT,
     ping: bool = typer.Option(True, "--ping/--no-ping", help="Also C-ECHO the running node."),
     as_json: bool = typer.Option(False, "--json"),
+    aet: Optional[str] = typer.Option(None, "--aet", help="Calling AE title of the C-ECHO (default: the first "
+                                      "of the node's allowed_calling_aets, else DICOMNODE-SCU)."),
+    tls_ca: Optional[Path] = TLS_CA_OPT,
+    tls_cert: Optional[Path] = TLS_CERT_OPT,
+    tls_key: Optional[Path] = TLS_KEY_OPT,
 ) -> None:
-    """Summarise the node: jobs by state, deliveries, spool free space, and whether it answers C-ECHO."""
+    """Summarise the node: jobs by state, deliveries, spool free space, and whether it answers C-ECHO
+    (over TLS when the node uses it; pass a client certificate if the node requires one)."""
     from dicomnode.scu import AssociationFailed
     from dicomnode.scu import echo as do_echo
     from dicomnode.spool import Spool
@@ -305,10 +334,14 @@ def status(
            "deliveries_dead_letter": len(journal.deliveries(states=("dead_letter",))),
            "spool_free_mb": round(Spool(cfg.node.storage_dir).free_mb())}
     if ping:
+        calling = aet or (cfg.node.allowed_calling_aets[0] if cfg.node.allowed_calling_aets else "DICOMNODE-SCU")
+        host = "127.0.0.1" if cfg.node.host in ("0.0.0.0", "::", "") else cfg.node.host
+        tls = _client_tls(cfg.tls.enabled, tls_ca or cfg.tls.ca_file, tls_cert, tls_key)
         try:
-            out["echo"] = do_echo(cfg.node.host, cfg.node.port, cfg.node.ae_title, timeout=5) == 0
-        except (AssociationFailed, OSError):
+            out["echo"] = do_echo(host, cfg.node.port, cfg.node.ae_title, calling, timeout=5, tls=tls) == 0
+        except (AssociationFailed, OSError) as exc:
             out["echo"] = False
+            out["echo_error"] = str(exc)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
     else:
@@ -317,7 +350,9 @@ def status(
                 value = ", ".join(f"{k}={v}" for k, v in value.items() if v)
             typer.echo(f"{key:<24} {value}")
     if ping and not out["echo"]:
-        raise fail(f"the node does not answer C-ECHO at {out['address']} as {cfg.node.ae_title}", 1)
+        hint = ("; the node requires client certificates: pass --tls-cert and --tls-key"
+                if cfg.tls.enabled and cfg.tls.ca_file and not tls_cert else "")
+        raise fail(f"the node does not answer C-ECHO at {out['address']} as {cfg.node.ae_title}{hint}", 1)
 
 
 @config_app.command("check")

@@ -150,6 +150,9 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Node":
         self.assembler.started_at = time.time()
+        orphans = self.spool.remove_orphans()
+        if orphans:
+            log.warning("removed %d temporary file(s) left by an interrupted write", orphans)
         recovered = self.journal.recover([d.name for d in self.cfg.destinations])
         if recovered:
             log.warning("re-queued %d job(s) interrupted by a restart", len(recovered))

@@ -21,12 +21,23 @@ from dicomnode.config import Config
 from dicomnode.journal import Instance, Journal
 from dicomnode.listener import start_server
 from dicomnode.spool import InvalidUID, Spool, check_uid, part10_chunks, write_atomic
+from dicomnode.wire import MalformedDataSet, check_encoded
 
 log = logging.getLogger("dicomnode.scp")
 
+LOG_VALUE_LIMIT = 120
+
+
+def printable(value: object, limit: int = LOG_VALUE_LIMIT) -> str:
+    """A value a stranger sent, fit for one log line: escaped, and cut at `limit` characters."""
+    text = str(value).encode("ascii", "backslashreplace").decode("ascii")
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000  # bad or unsafe UIDs, undecodable header
+STATUS_DATASET_MISMATCH = 0xA900  # the data set's SOP Class is not the one the request names
+STATUS_CANNOT_UNDERSTAND = 0xC000  # bad or unsafe UIDs, a data set that does not parse to its end
 STATUS_PROCESSING_FAILURE = 0xC001  # unexpected failure, logged with its reason
 
 
@@ -193,28 +204,39 @@ class StoreSCP:
 
     def _store(self, event) -> int:
         req = event.request
-        calling = event.assoc.requestor.ae_title
+        calling = printable(event.assoc.requestor.ae_title)
         try:
             sop_uid = check_uid(req.AffectedSOPInstanceUID, "Affected SOP Instance UID")
             sop_class = check_uid(req.AffectedSOPClassUID, "Affected SOP Class UID")
+            encoded = event.encoded_dataset(include_meta=False)
+            ts = UID(event.context.transfer_syntax)
+            check_encoded(encoded, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian,
+                          deflated=ts.is_deflated)
             ds = event.dataset
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+                if keyword in ds and ds[keyword].VR != "UI":
+                    raise InvalidUID(f"{keyword} is encoded with VR {ds[keyword].VR}, not UI")
             study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
             series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
-            ds_sop = str(ds.get("SOPInstanceUID", "")).strip()
-            if ds_sop and ds_sop != sop_uid:
+            if check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID in the data set") != sop_uid:
                 raise InvalidUID("SOP Instance UID in the data set differs from the C-STORE request")
+            if str(ds.get("SOPClassUID", "")) != sop_class:
+                log.warning("C-STORE from %r refused (0x%04X): the data set's SOP Class UID %s is not the "
+                            "request's %s", calling, STATUS_DATASET_MISMATCH, printable(ds.get("SOPClassUID", "")),
+                            sop_class)
+                return STATUS_DATASET_MISMATCH
             meta = event.file_meta
             record = dict(
                 images_in_acquisition=_int_or_none(ds.get("ImagesInAcquisition")),
                 number_of_frames=_int_or_none(ds.get("NumberOfFrames")),
                 position=_position_key(ds),
             )
-        except InvalidUID as exc:
-            log.warning("C-STORE from %r refused (0x%04X): %s", calling, STATUS_CANNOT_UNDERSTAND, exc)
+        except (InvalidUID, MalformedDataSet) as exc:
+            log.warning("C-STORE from %r refused (0x%04X): %s", calling, STATUS_CANNOT_UNDERSTAND, printable(exc))
             return STATUS_CANNOT_UNDERSTAND
         except Exception as exc:  # an undecodable header: tell the sender, keep serving
             log.warning("C-STORE from %r refused (0x%04X): cannot read data set: %s", calling,
-                        STATUS_CANNOT_UNDERSTAND, exc)
+                        STATUS_CANNOT_UNDERSTAND, printable(exc))
             return STATUS_CANNOT_UNDERSTAND
 
         free = self.spool.free_mb()
@@ -225,7 +247,7 @@ class StoreSCP:
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
         with self.journal.series_lock(series_uid):  # retention cannot remove it between write and journal
             try:
-                size = write_atomic(path, part10_chunks(meta, event.encoded_dataset(include_meta=False)))
+                size = write_atomic(path, part10_chunks(meta, encoded))
             except OSError as exc:
                 log.error("C-STORE refused (0xA700): cannot write instance to the spool: %s", exc)
                 return STATUS_OUT_OF_RESOURCES

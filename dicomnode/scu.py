@@ -34,9 +34,14 @@ class StoreReport:
         return not self.failed
 
 
-def client_tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
+def client_tls_context(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
+                       key_file: str | Path | None = None) -> ssl.SSLContext:
+    """TLS for an SCU: the peer's certificate is verified against `ca_file` (the system's CAs when
+    None); `cert_file`/`key_file` present a client certificate to a peer that requires one."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
     ctx.check_hostname = False  # DICOM peers are addressed by IP; trust comes from the CA
+    if cert_file is not None:
+        ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file) if key_file else None)
     return ctx
 
 

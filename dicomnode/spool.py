@@ -107,6 +107,16 @@ class Spool:
         for d in (self.root, self.incoming, self.outgoing):
             d.mkdir(parents=True, exist_ok=True)
 
+    def remove_orphans(self) -> int:
+        """Delete the temporary files of writes that a crash interrupted (they were never
+        acknowledged); return how many. Call before the node accepts connections."""
+        removed = 0
+        for tmp in (*self.incoming.rglob(".tmp-*"), *self.outgoing.rglob(".tmp-*")):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+        return removed
+
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         study = check_uid(study_uid, "Study Instance UID")
         series = check_uid(series_uid, "Series Instance UID")

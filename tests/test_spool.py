@@ -43,3 +43,34 @@ def test_failed_write_leaves_old_file(tmp_path):
         write_atomic(target, broken())
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_orphan_temporary_files_are_removed_at_start(tmp_path, port):
+    """A kill mid-write leaves .tmp-* files; the next start removes them (they were never acknowledged)."""
+    from dicomnode.node import Node
+
+    from nodehelpers import make_config
+
+    spool = Spool(tmp_path / "store")
+    orphan = spool.incoming / "1.2.3" / "1.2.3.4" / ".tmp-abc123"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half a file")
+    keep = orphan.parent / "1.2.3.4.5.dcm"
+    keep.write_bytes(b"an acknowledged instance")
+    with Node(make_config(tmp_path, port)):
+        assert not orphan.exists() and keep.exists()
+
+
+def test_log_lines_a_stranger_can_provoke_are_rate_limited():
+    import logging
+
+    from dicomnode.logs import RateLimit
+
+    limit = RateLimit(burst=3, window=0.2)
+    record = lambda: logging.LogRecord("pynetdicom.dul", logging.ERROR, __file__, 1, "PDU too short", (), None)  # noqa: E731
+    assert [limit.filter(record()) for _ in range(10)] == [True] * 3 + [False] * 7
+    import time
+
+    time.sleep(0.25)
+    later = record()
+    assert limit.filter(later) and "[7 similar line(s) suppressed" in later.getMessage()
