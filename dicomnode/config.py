@@ -63,7 +63,7 @@ class NodeConfig(Section):
     require_called_aet: bool = True
     max_associations: Annotated[int, Field(gt=0)] = 10
     request_timeout: Positive = 5.0  # for a new connection's A-ASSOCIATE-RQ (and TLS handshake) to arrive
-    max_pending_per_host: Annotated[int, Field(gt=0)] = 4  # connections of one host still before their request
+    max_pending_per_host: Annotated[int, Field(gt=0)] = 16  # connections of one host still before their request
     acse_timeout: Positive = 30.0
     dimse_timeout: Positive = 60.0
     network_timeout: Positive = 120.0

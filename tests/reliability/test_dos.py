@@ -57,7 +57,7 @@ def echo(port: int, extra=()) -> bool:
 @pytest.mark.parametrize("close", [True, False], ids=["closed", "held-open"])
 def test_truncated_association_requests_do_not_lock_the_sender_out(tmp_path, port, close):
     files = make_series(tmp_path / "in", slices=3)
-    with Node(make_config(tmp_path, port, node={"max_associations": 4})) as node:
+    with Node(make_config(tmp_path, port, node={"max_associations": 4, "max_pending_per_host": 4})) as node:
         held = attack(port, 12, close)  # more than max_associations, repeatable at will
         try:
             t0 = time.time()
@@ -76,7 +76,7 @@ def test_truncated_association_requests_do_not_lock_the_sender_out(tmp_path, por
 
 def test_a_continuous_attack_while_a_sender_works(tmp_path, port):
     stop = threading.Event()
-    with Node(make_config(tmp_path, port, node={"max_associations": 4})):
+    with Node(make_config(tmp_path, port, node={"max_associations": 4, "max_pending_per_host": 4})):
         def loop():
             while not stop.is_set():
                 attack(port, 6, close=True)
