@@ -36,22 +36,12 @@ def phantom(
     """Write synthetic sagittal T2FS MR + FDG PET + PET/T2FS fusion studies (paired phantom data)."""
     import time
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from dicomnode.tools.phantom import generate
 
     if min_matrix > max_matrix or min_slices > max_slices:
         raise typer.BadParameter("a --min-* option exceeds its --max-* option")
     t0 = time.perf_counter()
-    with Progress(TextColumn("[bold]phantom studies"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn()) as bar:
+    with _progress("phantom studies") as bar:
         task = bar.add_task("studies", total=cases)
         records = generate(out_dir, cases, seed, lesion_fraction=lesion_fraction, min_matrix=min_matrix,
                            max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices, preview=preview,
@@ -78,15 +68,6 @@ def infer(
     """Run select -> synthesise -> encode on files, offline (same engine as the node)."""
     import logging
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from dicomnode.config import Config, ConfigError, load_config
     from dicomnode.infer.model import ModelError
     from dicomnode.synthesize import load_synthesizer
@@ -105,8 +86,7 @@ def infer(
     except (ModelError, ValueError, RuntimeError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)
         raise typer.Exit(3) from None
-    with Progress(TextColumn("[bold]synthesising slices"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn()) as bar:
+    with _progress("synthesising slices") as bar:
         outcomes = run_infer(in_dir, out_dir, synth, rules=cfg.rules, select_all=select_all, png=png, progress=bar)
     for o in outcomes:
         state = (f"FAILED: {o.error}" if o.error else f"{o.outputs} images -> {o.output_dir}") if o.selected \
@@ -147,6 +127,14 @@ def demo(
         raise typer.Exit(1) from None
     finally:
         stages.finish()
+
+
+def _progress(label: str):
+    """One rich bar: label, bar, done/total, elapsed, remaining."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn())
 
 
 def _check_device(device: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pydicom import dcmread
@@ -61,3 +62,13 @@ def write_toml(path: Path, raw: dict) -> Path:
             lines.append("")
     Path(path).write_text("\n".join(lines))
     return Path(path)
+
+
+def wait_for(pred, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `pred` until it is true or `timeout` seconds have passed; return the last answer."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())

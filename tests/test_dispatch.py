@@ -16,7 +16,7 @@ from dicomnode.node import Node
 from conftest import dcmtk, free_port, run
 from dicomfactory import make_series
 from doubles import CopyProcessor
-from nodehelpers import make_raw_config, write_toml
+from nodehelpers import make_raw_config, wait_for, write_toml
 
 pytestmark = pytest.mark.integration
 
@@ -66,15 +66,6 @@ def send_series(port, tmp_path, slices=4):
     files = make_series(tmp_path / "in", slices=slices)
     run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
     return files
-
-
-def wait_for(pred, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_delivered_to_sink(tmp_path, port, sink):

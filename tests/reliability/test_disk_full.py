@@ -5,7 +5,6 @@ can be retried to completion."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from dicomnode.node import Node
 from conftest import dcmtk, run
 from dicomfactory import make_series
 from doubles import CopyProcessor
-from nodehelpers import make_raw_config, write_toml
+from nodehelpers import make_raw_config, wait_for, write_toml
 
 pytestmark = pytest.mark.integration
 
@@ -47,15 +46,6 @@ def fill(path: Path) -> Path:
     return ballast
 
 
-def wait(pred, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_disk_full_while_results_are_written(tmp_path, port, small_disk):
     raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 1.0, "settle_seconds": 0.1},
                           rules={"min_slices": 3}, node={"storage_dir": str(small_disk / "store")})
@@ -63,16 +53,16 @@ def test_disk_full_while_results_are_written(tmp_path, port, small_disk):
     files = make_series(tmp_path / "in", slices=6, rows=512, cols=512)
     with Node(config_from_dict(raw), CopyProcessor(delay=3.0)) as node:
         run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
-        assert wait(lambda: node.journal.jobs([JobState.PROCESSING]), 20)
+        assert wait_for(lambda: node.journal.jobs([JobState.PROCESSING]), 20)
         ballast = fill(small_disk)  # the outputs (3 MB) and the journal's next write no longer fit
-        assert wait(lambda: node.worker._unrecorded, 20), "the failure should be waiting for the journal"
+        assert wait_for(lambda: node.worker._unrecorded, 20), "the failure should be waiting for the journal"
         (job,) = node.journal.jobs()
         assert job.state == JobState.PROCESSING  # what the journal still says, for now
         assert run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=False).returncode == 0
         ballast.unlink()  # space returns
-        assert wait(lambda: node.journal.job(job.id).state == JobState.FAILED, 10)
+        assert wait_for(lambda: node.journal.job(job.id).state == JobState.FAILED, 10)
         assert "No space left on device" in node.journal.job(job.id).error
         r = CliRunner().invoke(app, ["queue", "retry", "--config", str(toml), str(job.id)])
         assert r.exit_code == 0, r.output
-        assert wait(lambda: node.journal.job(job.id).state == JobState.DONE, 30)
+        assert wait_for(lambda: node.journal.job(job.id).state == JobState.DONE, 30)
         assert node.journal.job(job.id).outputs == 6
