@@ -377,6 +377,10 @@ class Journal:
             sql += f" LIMIT {int(limit)}"
         return [Job.from_row(r) for r in self.db.execute(sql, args)]
 
+    def last_job(self) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT 1").fetchone()
+        return Job.from_row(row) if row else None
+
     def state_counts(self) -> dict[str, int]:
         counts = {s: 0 for s in STATES}
         for row in self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):

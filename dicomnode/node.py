@@ -20,6 +20,7 @@ from typing import Any, Callable
 from dicomnode.assemble import Assembler
 from dicomnode.config import Config, InferenceConfig
 from dicomnode.dispatch import Dispatcher
+from dicomnode.health import Check, Heartbeats, HttpEndpoints, Report, SystemdNotifier, writable
 from dicomnode.journal import JobState, Journal
 from dicomnode.metrics import Metrics
 from dicomnode.process import InferenceCrashed, InferenceProcess, ProcessStage
@@ -66,13 +67,15 @@ def _bind_error(what: str, key: str, host: str, port: int, exc: OSError) -> Star
 class _Loop(threading.Thread):
     """Calls `step` until stopped; `step` returns True when it did work (then it runs again at once)."""
 
-    def __init__(self, name: str, step: Callable[[], bool], interval: float, stop: threading.Event):
+    def __init__(self, name: str, step: Callable[[], bool], interval: float, stop: threading.Event,
+                 beat: Callable[[str], None]):
         super().__init__(name=name, daemon=True)
-        self.step, self.interval, self.stop_event = step, interval, stop
+        self.step, self.interval, self.stop_event, self.beat = step, interval, stop, beat
         self.wake = threading.Event()
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            self.beat(self.name)
             try:
                 busy = self.step()
             except Exception:  # a stage error is logged and the loop goes on
@@ -96,8 +99,11 @@ class Node:
         self.scp = StoreSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored)
         self.assembler = Assembler(cfg.series, self.journal, self.metrics)
         self.selector = Selector(cfg.rules, self.journal, self.metrics)
+        self.heartbeats = Heartbeats()
+        self.notifier = SystemdNotifier()
         self.engine = InferenceProcess(processor, start_timeout=cfg.inference.start_timeout_seconds,
-                                       on_progress=on_progress, on_restart=self._on_engine_restart) \
+                                       on_progress=on_progress, on_restart=self._on_engine_restart,
+                                       on_wait=lambda: self.heartbeats.beat("worker")) \
             if processor is not None else None
         self.worker = ProcessStage(cfg.inference, self.journal, self.spool, self.engine,
                                    [d.name for d in cfg.destinations], self.metrics) if self.engine else None
@@ -124,6 +130,7 @@ class Node:
     def _work_step(self) -> bool:
         if self.worker is None:
             return False
+        self.engine.ensure_started()
         if not self.worker.flush():  # an earlier outcome still waits for the journal (disk full)
             return False
         jobs = self.journal.jobs([JobState.SELECTED], limit=1)
@@ -163,10 +170,11 @@ class Node:
                 self.engine.start(wait_ready=True)
             except InferenceCrashed as exc:
                 raise ModelStartError(str(exc)) from None
+        beat = self.heartbeats.beat
         self._loops = [
-            _Loop("assembler", self._assemble_step, ASSEMBLER_TICK, self._stop),
-            _Loop("worker", self._work_step, WORKER_TICK, self._stop),
-            _Loop("dispatcher", self._dispatch_step, DISPATCH_TICK, self._stop),
+            _Loop("assembler", self._assemble_step, ASSEMBLER_TICK, self._stop, beat),
+            _Loop("worker", self._work_step, WORKER_TICK, self._stop, beat),
+            _Loop("dispatcher", self._dispatch_step, DISPATCH_TICK, self._stop, beat),
         ]
         for loop in self._loops:
             loop.start()
@@ -175,7 +183,8 @@ class Node:
         try:
             if self._serve_metrics:
                 try:
-                    self._metrics_server = self.metrics.serve(metrics.host, metrics.port)
+                    self._metrics_server = HttpEndpoints(metrics.host, metrics.port, self.metrics.registry,
+                                                         self.health, self.readiness).start()
                 except OSError as exc:
                     raise _bind_error("Prometheus metrics", "[metrics].port", metrics.host, metrics.port, exc) from None
             try:
@@ -186,9 +195,46 @@ class Node:
             self.stop()
             raise
         self.metrics.up.set(1)
+        self.notifier.send("READY=1", f"STATUS={self.status_line()}")
+        self.notifier.start_watchdog(self.health, self.status_line)
         return self
 
+    # -- health -----------------------------------------------------------------------------
+    def health(self) -> Report:
+        """Liveness: every stage loop has beaten recently."""
+        report = self.heartbeats.report()
+        if not report.checks:
+            report.checks.append(Check("loops", False, "not started"))
+        return report
+
+    def readiness(self) -> Report:
+        """Readiness: model loaded, spool writable, free disk above the watermark, SCP listening."""
+        checks = []
+        if self.engine is None:
+            checks.append(Check("model", True, "no model configured (receive, select and dispatch only)"))
+        else:
+            pid = self.engine.pid
+            checks.append(Check("model", bool(pid and self.engine.ready),
+                                f"{self.engine.info.get('name', '?')} loaded in process {pid}" if pid and self.engine.ready
+                                else "the inference process is (re)starting"))
+        checks.append(Check("spool_writable", writable(self.spool.root), str(self.spool.root)))
+        free, low = self.spool.free_mb(), self.cfg.node.min_free_disk_mb
+        checks.append(Check("disk", free >= low, f"{free:.0f} MB free, watermark {low} MB"))
+        listening = self.scp._server is not None
+        checks.append(Check("scp", listening, f"{self.cfg.node.ae_title} on port {self.scp.port}" if listening
+                            else "not listening"))
+        return Report(checks)
+
+    def status_line(self) -> str:
+        counts = self.journal.state_counts()
+        last = self.journal.last_job()
+        tail = f"; last job {last.id} {last.state}" if last else ""
+        return (f"{counts['received'] + counts['complete']} series arriving, {counts['selected']} waiting, "
+                f"{counts['processing']} processing, {counts['sending']} sending, {counts['dead_letter']} dead letter"
+                f"{tail}")
+
     def stop(self) -> None:
+        self.notifier.stop()  # STOPPING=1 first, as sd_notify(3) asks
         self.metrics.up.set(0)
         self.scp.stop()
         self._stop.set()
@@ -199,9 +245,7 @@ class Node:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self._metrics_server is not None:
-            server, thread = self._metrics_server
-            server.shutdown()
-            server.server_close()
+            self._metrics_server.stop()
         if self.engine is not None:
             self.engine.stop()
         self.journal.close()

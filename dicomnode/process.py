@@ -119,22 +119,53 @@ class InferenceProcess:
     with a watchdog, replace the process when it dies or hangs, stop."""
 
     def __init__(self, processor_spec: Any, *, start_timeout: float = 600.0,
-                 on_progress: Callable[[int, int], None] | None = None, on_restart: Callable[[str], None] | None = None):
+                 on_progress: Callable[[int, int], None] | None = None, on_restart: Callable[[str], None] | None = None,
+                 on_wait: Callable[[], None] | None = None):
         self.processor_spec = processor_spec  # a picklable Processor, or a picklable factory of one
         self.start_timeout = start_timeout
         self.on_progress = on_progress
         self.on_restart = on_restart
+        self.on_wait = on_wait  # called about once a second while waiting (the node's heartbeat)
         self.info: dict[str, Any] = {}
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads, locks or sockets
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._ready = False
+        self._last_start = float("-inf")
+
+    @property
+    def ready(self) -> bool:
+        """The processor is built (model loaded); picks up a pending 'ready' message without waiting."""
+        if not self._ready and self._conn is not None and self._proc is not None and self._proc.is_alive():
+            try:
+                if self._conn.poll(0):
+                    kind, payload = self._conn.recv()
+                    if kind == "ready":
+                        self.info, self._ready = payload, True
+                    else:
+                        log.error("the inference process could not start: %s", payload)
+                        self._reap()
+            except (EOFError, OSError):
+                pass
+        return self._ready
+
+    def ensure_started(self, min_interval: float = 10.0) -> None:
+        """Start a replacement in the background after a crash or a watchdog kill, so the model is
+        loaded again before the next job needs it (at most one start per `min_interval`)."""
+        if self._proc is not None and not self._proc.is_alive():  # died while idle
+            log.error("the inference process %s while idle; starting a new one", _describe_exit(self._proc.exitcode))
+            if self.on_restart is not None:
+                self.on_restart("crash")
+            self._reap()
+        if self._proc is None and time.monotonic() - self._last_start >= min_interval:
+            self.start(wait_ready=False)
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     def start(self, wait_ready: bool = True) -> None:
+        self._last_start = time.monotonic()
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=_child_main, args=(child, self.processor_spec), name="dicomnode-infer",
                                        daemon=True)
@@ -155,8 +186,9 @@ class InferenceProcess:
     def run(self, request: ProcessRequest, timeout: float) -> dict:
         """Run one job; raise InferenceFailed / InferenceCrashed / InferenceTimeout with the reason."""
         if self._proc is None or not self._proc.is_alive():
+            self._reap()
             self.start(wait_ready=False)
-        if not self._ready:
+        if not self.ready:
             self._await_ready(self.start_timeout)
         deadline = time.monotonic() + timeout
         try:
@@ -177,7 +209,9 @@ class InferenceProcess:
         """The next message, or: the process died -> InferenceCrashed; deadline -> kill, InferenceTimeout."""
         while True:
             left = deadline - time.monotonic()
-            ready = wait([self._conn, self._proc.sentinel], timeout=max(0.0, left))
+            ready = wait([self._conn, self._proc.sentinel], timeout=min(1.0, max(0.0, left)))
+            if self.on_wait is not None:
+                self.on_wait()
             if self._conn in ready:
                 try:
                     return self._conn.recv()
@@ -185,7 +219,7 @@ class InferenceProcess:
                     pass  # the pipe closed: the process is gone; fall through to the exit status
             if self._conn in ready or self._proc.sentinel in ready:
                 raise self._crashed(f"during {what}")
-            if left <= 0:
+            if time.monotonic() >= deadline:
                 self._kill()
                 if self.on_restart is not None:
                     self.on_restart("timeout")
