@@ -355,6 +355,49 @@ def status(
         raise fail(f"the node does not answer C-ECHO at {out['address']} as {cfg.node.ae_title}{hint}", 1)
 
 
+def audit(
+    config: Path = CONFIG_OPT,
+    series: Optional[str] = typer.Option(None, "--series", help="Only this Series Instance UID (the source's)."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only events from this time on: ISO date/time "
+                                        "(2026-12-01 or 2026-12-01T08:00) or hours ago (e.g. 24h)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """The audit trail from the journal: per series, each stage as it happened (received, complete,
+    selected or ignored and why, processed, delivered or dead-lettered). No patient names or IDs."""
+    import datetime
+
+    cfg, journal = _journal(config)
+    start = None
+    if since:
+        try:
+            if since.endswith("h") and since[:-1].replace(".", "", 1).isdigit():
+                start = time.time() - float(since[:-1]) * 3600
+            else:
+                start = datetime.datetime.fromisoformat(since).timestamp()
+        except ValueError:
+            raise fail(f"--since: {since!r} is neither an ISO date/time nor hours like 24h", 2) from None
+    rows = journal.audit(series, start)
+    for row in rows:
+        row["time"] = _iso(row.pop("at"))
+        timings = json.loads(row.pop("timings") or "{}")
+        if row["kind"] == "encoded":
+            row["detail"] = (f"{row['outputs']} images; " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+                             if timings else row["detail"])
+        row.pop("outputs")
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    if not rows:
+        typer.echo("no events" + (f" for series {series}" if series else ""))
+        return
+    typer.echo(f"{'time':<19} {'job':>5}  {'event':<22} series / detail")
+    for row in rows:
+        typer.echo(f"{row['time']:<19} {row['job_id'] or '-':>5}  {row['kind']:<22} {row['series_uid'] or ''}")
+        if row["detail"]:
+            typer.echo(f"{'':<19} {'':>5}  {'':<22} {row['detail']}")
+
+
 @config_app.command("check")
 def config_check(config: Path = CONFIG_OPT) -> None:
     """Validate a config as `serve` would, without starting anything: keys and values, storage_dir,
@@ -395,6 +438,7 @@ def register(app: typer.Typer) -> None:
     app.command()(echo)
     app.command()(send)
     app.command()(status)
+    app.command()(audit)
     app.add_typer(rules_app, name="rules")
     app.add_typer(queue_app, name="queue")
     app.add_typer(config_app, name="config")

@@ -430,6 +430,20 @@ class Journal:
     def events(self, job_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM events WHERE job_id=? ORDER BY id", (job_id,))]
 
+    def audit(self, series_uid: str | None = None, since: float | None = None, limit: int = 10000) -> list[dict]:
+        """Every recorded event with its job's series, oldest first: the audit trail."""
+        sql = ("SELECT e.at, e.job_id, e.kind, e.detail, j.series_uid, j.generation, j.outputs, j.timings "
+               "FROM events e LEFT JOIN jobs j ON j.id = e.job_id WHERE 1=1")
+        args: list[Any] = []
+        if series_uid:
+            sql += " AND j.series_uid=?"
+            args.append(series_uid)
+        if since is not None:
+            sql += " AND e.at>=?"
+            args.append(since)
+        sql += f" ORDER BY e.id LIMIT {int(limit)}"
+        return [dict(r) for r in self.db.execute(sql, args)]
+
     # -- deliveries -------------------------------------------------------------------------
     def start_deliveries(self, job_id: int, destinations: list[str]) -> str:
         """encoded -> sending with one pending delivery per destination (done when there are
