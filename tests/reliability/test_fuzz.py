@@ -88,6 +88,7 @@ def test_a_good_sender_is_never_refused_during_fuzzing(tmp_path, port):
     files = make_series(tmp_path / "in", slices=4)
     stop = threading.Event()
     with Node(make_config(tmp_path, port, node={"max_associations": 4})) as node:
+        rss_before = rss_mb()
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("sent", fuzz(port, CASES, 12, stop)), daemon=True)
         t.start()
@@ -105,4 +106,14 @@ def test_a_good_sender_is_never_refused_during_fuzzing(tmp_path, port):
         while node.scp._server.pending() and time.time() < deadline:
             time.sleep(0.2)
         assert node.scp._server.pending() == 0  # nothing the fuzzer opened outlives the request deadline
-    print(f"{CASES} fuzz cases; good sender: {len(good)} of {len(good)} associations succeeded")
+        rss_after = rss_mb()
+    print(f"{CASES} fuzz cases; good sender: {len(good)} of {len(good)} associations succeeded; "
+          f"RSS of the process holding the node {rss_before:.0f} -> {rss_after:.0f} MB")
+    assert rss_after - rss_before < 100
+
+
+def rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
