@@ -57,3 +57,14 @@ def test_send_to_a_dcmtk_storescp(tmp_path, port):
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_the_node_process_imports_neither_torch_nor_the_tools():
+    """`serve` wires every stage without torch (it lives in the inference process) or dicomnode.tools."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dicomnode.cli, dicomnode.cli_node, dicomnode.node; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dicomnode.tools')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
