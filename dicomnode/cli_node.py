@@ -76,7 +76,7 @@ def serve(config: Path = CONFIG_OPT) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    processor = Synthesis(cfg.inference) if cfg.inference.model != "none" else None
+    processor = Synthesis(cfg.inference, cfg.output.uncertainty) if cfg.inference.model != "none" else None
     try:
         node = Node(cfg, processor)
         node.start()

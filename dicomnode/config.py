@@ -210,6 +210,10 @@ class InferenceConfig(Section):
         return value
 
 
+class OutputConfig(Section):
+    uncertainty: bool = False  # also send the K-sample SD map as its own synthetic series
+
+
 class LoggingConfig(Section):
     level: str = "INFO"  # logs never carry patient names or IDs
 
@@ -231,6 +235,7 @@ class Config(Section):
     retention: RetentionConfig = RetentionConfig()
     metrics: MetricsConfig = MetricsConfig()
     inference: InferenceConfig = InferenceConfig()
+    output: OutputConfig = OutputConfig()
     logging: LoggingConfig = LoggingConfig()
     source: str = Field("<defaults>", exclude=True)
 

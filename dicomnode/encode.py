@@ -23,6 +23,8 @@ from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 from dicomnode import __version__
 
 SERIES_DESCRIPTION = "SYNTHETIC PET/T2FS FUSION - NOT FOR DIAGNOSIS"
+UNCERTAINTY_DESCRIPTION = "SYNTHETIC PET/T2FS UNCERTAINTY - NOT FOR DIAGNOSIS"
+UNCERTAINTY_SERIES_OFFSET = 2000
 BANNER_TEXT = "SYNTHETIC"
 SERIES_NUMBER_OFFSET = 1000
 ORIENTATION_MIN_COSINE = 0.01  # direction cosine components below this are not named
@@ -85,18 +87,57 @@ def burn_banner(rgb: np.ndarray, text: str = BANNER_TEXT) -> np.ndarray:
     return img
 
 
+# The uncertainty map's colour scale: SD in display levels of the 8-bit fusion image (0-255), with
+# the same scale for every series so maps can be compared; SD_DISPLAY_MAX and above is the top colour.
+SD_DISPLAY_MAX = 8.0
+_SD_COLOURS = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], np.float32)
+
+
+def uncertainty_image(sd_levels: np.ndarray, scale_max: float = SD_DISPLAY_MAX) -> np.ndarray:
+    """(rows, cols) per-pixel SD in 8-bit display levels -> uint8 RGB colour map with a scale bar
+    on the right edge (bottom 0, top `scale_max` and above), labelled in the same units."""
+    sd = np.clip(np.nan_to_num(np.asarray(sd_levels, np.float32)) / scale_max, 0.0, 1.0)
+    stops = np.linspace(0.0, 1.0, len(_SD_COLOURS))
+    rgb = np.stack([np.interp(sd, stops, _SD_COLOURS[:, c]) for c in range(3)], -1)
+    rows, cols = sd.shape
+    width, margin = max(3, cols // 24), max(1, cols // 100)
+    top, bottom = max(2, rows // 8), rows - max(2, rows // 16)
+    ramp = np.linspace(1.0, 0.0, bottom - top)[:, None]
+    bar = np.stack([np.interp(ramp, stops, _SD_COLOURS[:, c]) for c in range(3)], -1)
+    x1 = cols - margin
+    rgb[top:bottom, x1 - width:x1] = np.broadcast_to(bar, (bottom - top, width, 3))
+    img = Image.fromarray(rgb.round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default_imagefont()
+    for text, y in ((f"{scale_max:g}+", top), ("0", bottom)):
+        left, t, right, b = font.getbbox(text)
+        x, yy = max(0, x1 - width - (right - left) - 2 * margin), min(rows - (b - t) - 1, max(0, y - (b - t) // 2))
+        draw.rectangle((x - 1, yy - 1, x + right - left + 1, yy + b - t + 1), fill=(0, 0, 0))
+        draw.text((x - left, yy - t), text, font=font, fill=(255, 255, 255))
+    return np.asarray(img)
+
+
 def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], *, model_name: str,
                   model_version: str, banner: bool = True, manufacturer: str = "dicomnode",
                   manufacturer_model_name: str = "dicomnode PET/T2FS synthesiser",
                   software_version: str = __version__, institution_name: str | None = None,
                   institutional_department_name: str | None = None, station_name: str | None = None,
-                  series_number: int | None = None, series_description: str = SERIES_DESCRIPTION,
-                  uid_prefix: str = PYDICOM_ROOT_UID, uid_variant: str = "") -> list[Dataset]:
+                  series_number: int | None = None, series_description: str | None = None,
+                  uid_prefix: str = PYDICOM_ROOT_UID, uid_variant: str = "", kind: str = "fusion") -> list[Dataset]:
     """Encode one RGB uint8 (H, W, 3) image per ordered source slice as a Secondary Capture series.
 
     `uid_variant` goes into the UID hash: pass a digest of anything besides the model version that
-    changes the pixels (sampler settings, seed) so different pictures never share a UID.
+    changes the pixels (sampler settings, seed) so different pictures never share a UID. `kind` is
+    "fusion" (the synthetic PET/T2FS fusion) or "uncertainty" (its K-sample SD map): a series of
+    its own, with its own UIDs, description, series number and texts, marked synthetic the same way.
     """
+    if kind not in ("fusion", "uncertainty"):
+        raise ValueError(f"kind must be 'fusion' or 'uncertainty', got {kind!r}")
+    uncertainty = kind == "uncertainty"
+    if series_description is None:
+        series_description = UNCERTAINTY_DESCRIPTION if uncertainty else SERIES_DESCRIPTION
+    if uncertainty:
+        uid_variant = f"{uid_variant}/uncertainty"
     if len(sources) != len(rgb_slices) or not sources:
         raise ValueError(f"need one image per source slice, got {len(rgb_slices)} for {len(sources)}")
     _check_own_text(model_name=model_name, model_version=model_version, manufacturer=manufacturer,
@@ -109,7 +150,8 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
         raise ValueError("sources must be one series")
     new_series = series_uid(first.SeriesInstanceUID, model_name, model_version, uid_variant, uid_prefix)
     if series_number is None:
-        series_number = min(int(first.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET, 2**31 - 1)
+        offset = UNCERTAINTY_SERIES_OFFSET if uncertainty else SERIES_NUMBER_OFFSET
+        series_number = min(int(first.get("SeriesNumber") or 0) + offset, 2**31 - 1)
     now = datetime.datetime.now()
     equipment = hd.ContributingEquipment(
         manufacturer, codes.DCM.SynthesizingEquipment, manufacturer_model_name=manufacturer_model_name,
@@ -118,18 +160,25 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
         station_name=station_name, contribution_description=f"Synthesis by {model_name} {model_version}"[:64])
     derivation = (f"Synthetic 18F-FDG PET/T2FS fusion generated from the T2 fat-saturated MR source image "
                   f"by {model_name} version {model_version} (Pix2Pix + conditional DDPM); not acquired PET")
+    comments = f"SYNTHETIC image from {model_name} {model_version}. Not acquired PET; not for diagnosis."
+    if uncertainty:
+        derivation = ("Per-pixel standard deviation over the K samples of the synthetic PET/T2FS fusion generated "
+                      f"from the T2 fat-saturated MR source image by {model_name} version {model_version}; "
+                      "a map of the model's uncertainty, not acquired PET")
+        comments = (f"SYNTHETIC uncertainty map (K-sample SD) from {model_name} {model_version}. "
+                    "Not acquired PET; not for diagnosis.")
     out = []
     for number, (src, rgb) in enumerate(zip(sources, rgb_slices), start=1):
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"image {number}: expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
         out.append(SyntheticFusionImage(
-            src, burn_banner(rgb) if banner else rgb, banner=banner, series_instance_uid=new_series,
+            src, (burn_banner(rgb, "SYNTHETIC SD" if uncertainty else BANNER_TEXT) if banner else rgb),
+            banner=banner, series_instance_uid=new_series,
             series_number=series_number, instance_number=number,
             sop_instance_uid=instance_uid(src.SOPInstanceUID, model_name, model_version, uid_variant, uid_prefix),
             equipment=_equipment(src, equipment), derivation=derivation,
-            comments=f"SYNTHETIC image from {model_name} {model_version}. Not acquired PET; not for diagnosis.",
-            manufacturer=manufacturer, series_description=series_description,
+            comments=comments, manufacturer=manufacturer, series_description=series_description,
             manufacturer_model_name=manufacturer_model_name, software_versions=software_version,
             institution_name=institution_name, institutional_department_name=institutional_department_name,
             series_date=now.date(), series_time=now.time(), content_date=now.date(), content_time=now.time()))

@@ -50,11 +50,12 @@ class Synthesis:
     inside the inference process (the node's own process never imports torch)."""
 
     inference: InferenceConfig
+    uncertainty: bool = False  # [output] uncertainty
 
     def __call__(self):
         from dicomnode.synthesize import load_synthesizer
 
-        synthesizer = load_synthesizer(self.inference)
+        synthesizer = load_synthesizer(self.inference, uncertainty=self.uncertainty)
         synthesizer.warm_up()  # one-off kernel and allocator set-up happens now, not in the first job
         return synthesizer
 

@@ -25,7 +25,7 @@ import torch
 from pydicom import Dataset
 
 from dicomnode.config import DEVICE_RE, InferenceConfig
-from dicomnode.encode import encode_series
+from dicomnode.encode import encode_series, uncertainty_image
 from dicomnode.infer import heap
 from dicomnode.infer.model import FusionModel, ModelError, load_model
 from dicomnode.infer.preprocess import outputs_to_rgb, prepare_series
@@ -109,8 +109,9 @@ class Synthesizer:
     """The Processor of the node: prepare -> translate -> back to the source grid -> encode."""
 
     def __init__(self, model: FusionModel, settings: Settings, *, model_name: str, banner: bool = True,
-                 encode_options: dict | None = None):
+                 encode_options: dict | None = None, uncertainty: bool = False):
         self.model, self.settings, self.banner = model, settings, banner
+        self.uncertainty = uncertainty  # also encode the K-sample SD as a series of its own
         self.model_name, self.name = model_name, f"{model_name} {model.version}"
         self.encode_options = encode_options or {}
         self.device = model.device
@@ -129,7 +130,12 @@ class Synthesizer:
         Chunk i uses seed + i * batch_size, so chunks get different noise and the result depends
         only on the settings (batch size included), never on timing or device load.
         """
-        s, out = self.settings, []
+        return self.translate_with_sd(batch)[0]
+
+    def translate_with_sd(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """As `translate`, plus the per-pixel SD over the K samples, (S, G, G) averaged over the
+        colour channels in [-1, 1] units (None when K = 1)."""
+        s, out, sds = self.settings, [], []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
         with torch.inference_mode(), autocast:
             for start in range(0, len(batch), s.batch_size):
@@ -137,9 +143,11 @@ class Synthesizer:
                 res = self.model.translate(mr, refine=s.refine, sampler=s.sampler, steps=s.steps,
                                            strength=s.strength, seed=s.seed + start, samples=s.samples)
                 out.append(res.rgb.float().cpu().numpy())
+                if res.sd is not None:
+                    sds.append(res.sd.float().mean(1).cpu().numpy())
                 if self.progress is not None:
                     self.progress(min(start + s.batch_size, len(batch)), len(batch))
-        return np.concatenate(out)
+        return np.concatenate(out), (np.concatenate(sds) if sds else None)
 
     def warm_up(self) -> None:
         """Translate one blank slice, so the first real series does not pay for lazy initialisation."""
@@ -166,7 +174,7 @@ class Synthesizer:
         prepared = prepare_series(datasets)
         t["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        outputs = self.translate(prepared.batch)
+        outputs, sd = self.translate_with_sd(prepared.batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t["infer"] = time.perf_counter() - t0
@@ -176,9 +184,16 @@ class Synthesizer:
         rgb = outputs_to_rgb(prepared, outputs)
         t["postprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        variant = output_variant(self.settings, prepared.datasets)
         out = encode_series(prepared.datasets, rgb, model_name=self.model_name, model_version=self.model.version,
-                            banner=self.banner, uid_variant=output_variant(self.settings, prepared.datasets),
-                            **self.encode_options)
+                            banner=self.banner, uid_variant=variant, **self.encode_options)
+        if self.uncertainty and sd is not None:
+            # SD in [-1, 1] units -> display levels of the 8-bit fusion, on each slice's own grid
+            maps = [uncertainty_image(placement.from_grid(grid) * 127.5)
+                    for placement, grid in zip(prepared.placements, sd)]
+            out += encode_series(prepared.datasets, maps, model_name=self.model_name,
+                                 model_version=self.model.version, banner=self.banner, uid_variant=variant,
+                                 kind="uncertainty", **self.encode_options)
         t["encode"] = time.perf_counter() - t0
         n = len(prepared)
         return ProcessResult(out, t, {"slices": float(n), "infer_seconds_per_slice": t["infer"] / n})
@@ -214,7 +229,7 @@ def settings_from(cfg: InferenceConfig, model: FusionModel) -> Settings:
                     seed=int(cfg.seed), batch_size=int(cfg.batch_size), samples=int(pick(cfg.samples, "samples")))
 
 
-def load_synthesizer(cfg: InferenceConfig, **encode_options) -> Synthesizer:
+def load_synthesizer(cfg: InferenceConfig, uncertainty: bool = False, **encode_options) -> Synthesizer:
     """Resolve, verify and load the model once (warm), on the configured device."""
     path = resolve_model(cfg.model)
     device = pick_device(cfg.device)
@@ -225,8 +240,12 @@ def load_synthesizer(cfg: InferenceConfig, **encode_options) -> Synthesizer:
     name = model.card.get("name") or path.name
     if not name.isascii():
         raise ModelError(f"{path / 'model.json'}: model name must be ASCII")
-    synth = Synthesizer(model, settings_from(cfg, model), model_name=name, banner=cfg.banner,
-                        encode_options=encode_options)
+    settings = settings_from(cfg, model)
+    if uncertainty and settings.samples < 2:
+        raise ModelError(f"[output] uncertainty needs at least 2 samples per slice; the model card and [inference] "
+                         f"give {settings.samples} (set [inference] samples = 4)")
+    synth = Synthesizer(model, settings, model_name=name, banner=cfg.banner, encode_options=encode_options,
+                        uncertainty=uncertainty)
     log.info("model %s %s loaded from %s on %s in %.1f s (%s, %d steps, strength %.2f)", name, model.version, path,
              device, time.perf_counter() - t0, synth.settings.sampler, synth.settings.steps, synth.settings.strength)
     return synth
