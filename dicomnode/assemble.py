@@ -45,8 +45,10 @@ class Assembler:
         now = time.time() if now is None else now
         done = []
         for job_id, how in self.due(now):
+            instances = self.journal.instances(self.journal.job(job_id).series_uid)
+            callers = ", ".join(sorted({i.calling_aet or "?" for i in instances}))
             self.journal.transition(job_id, JobState.COMPLETE, expect=JobState.RECEIVED, completed_at=now,
-                                    completion=how)
+                                    completion=how, note=f"{len(instances)} instances from {callers} ({how})")
             log.info("job %d: series complete (%s)", job_id, how)
             if self.metrics:
                 self.metrics.series_completed.labels(how).inc()

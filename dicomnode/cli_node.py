@@ -379,10 +379,7 @@ def audit(
     rows = journal.audit(series, start)
     for row in rows:
         row["time"] = _iso(row.pop("at"))
-        timings = json.loads(row.pop("timings") or "{}")
-        if row["kind"] == "encoded":
-            row["detail"] = (f"{row['outputs']} images; " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-                             if timings else row["detail"])
+        row.pop("timings")
         row.pop("outputs")
     if as_json:
         for row in rows:

@@ -387,8 +387,10 @@ class Journal:
             counts[row[0]] = row[1]
         return counts
 
-    def transition(self, job_id: int, to: str, *, expect: str | tuple[str, ...] | None = None, **fields: Any) -> Job:
-        """Move a job to state `to`, checking the state machine; also set `fields` on the row."""
+    def transition(self, job_id: int, to: str, *, expect: str | tuple[str, ...] | None = None,
+                   note: str | None = None, **fields: Any) -> Job:
+        """Move a job to state `to`, checking the state machine; also set `fields` on the row.
+        The audit event's detail is `note`, else the reason or error being recorded."""
         if to not in TRANSITIONS:
             raise TransitionError(f"unknown state {to!r}")
         with self._tx() as db:
@@ -405,7 +407,7 @@ class Journal:
             cols = ", ".join(f"{k}=?" for k in fields)
             db.execute(f"UPDATE jobs SET state=?, updated_at=?{', ' + cols if cols else ''} WHERE id=?",
                        (to, now, *fields.values(), job_id))
-            detail = fields.get("reason") or fields.get("error")
+            detail = note or fields.get("reason") or fields.get("error")
             self._event(db, job_id, to, str(detail) if detail else None)
         return self.job(job_id)  # type: ignore[return-value]
 
@@ -494,7 +496,7 @@ class Journal:
                            " WHERE job_id=? AND destination=?",
                            ("dead_letter" if dead else "pending", error, now, next_attempt_at or now, job_id, destination))
             self._event(db, job_id, "delivered" if ok else ("delivery_dead_letter" if dead else "delivery_failed"),
-                        f"{destination}: {error}" if error else destination)
+                        f"{destination}: {error}" if error else f"{destination}: stored")
             states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id=?", (job_id,))}
         if "pending" in states:
             return "sending"

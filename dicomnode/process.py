@@ -329,8 +329,11 @@ class ProcessStage:
             return self._fail(job, str(exc), timings)
         timings.update({k: round(v, 4) for k, v in result["timings"].items()})
         timings["process_total"] = round(time.perf_counter() - started, 4)
+        note = (f"{result['outputs']} images by {self.engine.info.get('name', '?')} in "
+                f"{timings['process_total']:.2f} s ("
+                + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "process_total") + ")")
         if not self._record(job.id, JobState.ENCODED, output_dir=str(out_dir), outputs=result["outputs"],
-                            timings=timings, error=None):
+                            timings=timings, error=None, note=note):
             return JobState.PROCESSING
         if self.metrics:
             for stage, seconds in timings.items():

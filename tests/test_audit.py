@@ -36,7 +36,8 @@ def test_audit_trail_of_a_processed_series(tmp_path, port):
     assert r.output.startswith("time") and "AUDIT" not in r.output and "PID0001" not in r.output
     for kind in ("received", "complete", "selected", "processing", "encoded", "done", "ignored"):
         assert f" {kind} " in r.output, kind
-    assert "4 images; " in r.output and "excluded by 't1'" in r.output
+    assert "4 images by test-copy in " in r.output and "excluded by 't1'" in r.output
+    assert "4 instances from ECHOSCU" in r.output or "4 instances from STORESCU" in r.output
     r = runner.invoke(app, ["audit", "--config", str(toml), "--series", uid, "--since", "1h", "--json"])
     rows = [json.loads(line) for line in r.output.splitlines()]
     assert rows and {row["series_uid"] for row in rows} == {uid}
