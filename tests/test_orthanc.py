@@ -39,7 +39,7 @@ def _orthanc_json(path: Path) -> dict:
 
 
 class OrthancServer:
-    def __init__(self, root: Path, node_port: int):
+    def __init__(self, root: Path, node_port: int, plugins: list[str] | None = None):
         self.http_port, self.dicom_port = free_port(), free_port()
         cfg = root / "orthanc-config"
         cfg.mkdir()
@@ -50,7 +50,7 @@ class OrthancServer:
         (cfg / "dicomnode.json").write_text(json.dumps(routing))
         (cfg / "test.json").write_text(json.dumps({
             "Name": "dicomnode-test", "StorageDirectory": str(root / "orthanc-db"),
-            "IndexDirectory": str(root / "orthanc-db"), "Plugins": [],
+            "IndexDirectory": str(root / "orthanc-db"), "Plugins": plugins or [],
             "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomAet": "PACS", "DicomPort": self.dicom_port, "DicomCheckCalledAet": True,
             "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True,
