@@ -200,7 +200,7 @@ def _journal(config: Path):
     if not cfg.journal_path.exists():
         typer.echo(f"no journal at {cfg.journal_path} (has the node run with this config?)", err=True)
         raise typer.Exit(2)
-    return cfg, Journal(cfg.journal_path)
+    return cfg, Journal(cfg.journal_path, audit_file=cfg.logging.audit_file)
 
 
 @queue_app.command("list")

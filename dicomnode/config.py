@@ -216,6 +216,7 @@ class OutputConfig(Section):
 
 class LoggingConfig(Section):
     level: str = "INFO"  # logs never carry patient names or IDs
+    audit_file: FilePath | None = None  # also write the audit trail as JSON lines here (default: journal only)
 
     @field_validator("level")
     @classmethod

@@ -195,8 +195,9 @@ class Delivery:
 
 
 class Journal:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, audit_file: Path | None = None):
         self.path = Path(path)
+        self.audit_file = audit_file  # also append each event as a JSON line here (the journal keeps them anyway)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.Lock()
@@ -290,7 +291,20 @@ class Journal:
                     del self._series_locks[series_uid]
 
     def _event(self, db: sqlite3.Connection, job_id: int | None, kind: str, detail: str | None = None) -> None:
-        db.execute("INSERT INTO events(at, job_id, kind, detail) VALUES (?, ?, ?, ?)", (time.time(), job_id, kind, detail))
+        at = time.time()
+        db.execute("INSERT INTO events(at, job_id, kind, detail) VALUES (?, ?, ?, ?)", (at, job_id, kind, detail))
+        if self.audit_file is not None:
+            row = db.execute("SELECT series_uid, generation FROM jobs WHERE id=?", (job_id,)).fetchone()
+            line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}",
+                    "job_id": job_id, "series_uid": row["series_uid"] if row else None,
+                    "generation": row["generation"] if row else None, "event": kind, "detail": detail}
+            try:
+                with open(self.audit_file, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(line) + "\n")
+            except OSError as exc:  # the journal keeps the event; the file is a convenience copy
+                import logging
+
+                logging.getLogger("dicomnode.journal").error("cannot append to the audit file: %s", exc)
 
     # -- instances --------------------------------------------------------------------------
     def record_instance(self, inst: Instance, late_policy: str = "reprocess") -> tuple[int | None, bool]:

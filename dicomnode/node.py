@@ -95,7 +95,7 @@ class Node:
                  on_progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
         self.spool = Spool(cfg.node.storage_dir)
-        self.journal = Journal(cfg.journal_path)
+        self.journal = Journal(cfg.journal_path, audit_file=cfg.logging.audit_file)
         self.metrics = Metrics(self.journal, self.spool)
         self.scp = StoreSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored)
         self.assembler = Assembler(cfg.series, self.journal, self.metrics)

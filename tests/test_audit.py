@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_audit_trail_of_a_processed_series(tmp_path, port):
-    raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 1.0, "settle_seconds": 0.1}, rules={"min_slices": 3})
+    raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 1.0, "settle_seconds": 0.1}, rules={"min_slices": 3},
+                          logging={"audit_file": str(tmp_path / "audit.jsonl")})
     toml = write_toml(tmp_path / "node.toml", raw)
     files = make_series(tmp_path / "in", slices=4, patient_name="AUDIT^PATIENT")
     other = make_series(tmp_path / "other", slices=4, description="t1_tse_sag")
@@ -42,5 +43,8 @@ def test_audit_trail_of_a_processed_series(tmp_path, port):
     rows = [json.loads(line) for line in r.output.splitlines()]
     assert rows and {row["series_uid"] for row in rows} == {uid}
     assert [row["kind"] for row in rows] == ["received", "complete", "selected", "processing", "encoded", "done"]
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [x["event"] for x in lines if x["series_uid"] == uid] == [row["kind"] for row in rows]
+    assert "AUDIT" not in (tmp_path / "audit.jsonl").read_text()
     r = runner.invoke(app, ["audit", "--config", str(toml), "--since", "yesterday"])
     assert r.exit_code == 2 and "--since" in r.output
