@@ -60,14 +60,29 @@ class Serve:
 
     def __init__(self, toml: Path, port: int):
         self.toml, self.port, self.proc = toml, port, None
+        self.lock = threading.RLock()  # the killer and the sender both restart it: one at a time
+        self.started: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(self.toml)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while not self.answers():
-            assert self.proc.poll() is None and time.time() < deadline, "serve did not come up"
-            time.sleep(0.2)
+        with self.lock:
+            if self.proc is not None and self.proc.poll() is None:
+                return  # already running (the other thread restarted it)
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config",
+                                          str(self.toml)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.started.append(self.proc)
+            deadline = time.time() + 60
+            while not self.answers():
+                assert self.proc.poll() is None and time.time() < deadline, "serve did not come up"
+                time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
     def answers(self) -> bool:
         ae = AE(ae_title="PROBE")
@@ -79,8 +94,9 @@ class Serve:
         return ok
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()  # its inference process exits by itself when the pipe to the node closes
+        with self.lock:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()  # its inference process exits by itself when the pipe to the node closes
 
 
 def send_until_acknowledged(port: int, files: list[Path], acked: set[str], rng: random.Random, serve: Serve) -> None:
@@ -152,9 +168,8 @@ def test_seeded_kills_lose_nothing_and_duplicate_nothing(tmp_path):
             time.sleep(0.5)
     finally:
         stop.set()
-        if serve.proc.poll() is None:
-            serve.proc.terminate()
-            serve.proc.wait(30)
+        t.join(60)
+        serve.stop_all()
         sink.server.shutdown()
     assert kills >= min(KILLS, 3), f"only {kills} kills happened"
     # 0 acknowledged instances lost: each is in the journal and on disk
