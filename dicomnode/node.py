@@ -21,6 +21,7 @@ from dicomnode.assemble import Assembler
 from dicomnode.config import Config, InferenceConfig
 from dicomnode.dispatch import Dispatcher
 from dicomnode.health import Check, Heartbeats, HttpEndpoints, Report, SystemdNotifier, writable
+from dicomnode.infer import heap
 from dicomnode.journal import JobState, Journal
 from dicomnode.metrics import Metrics
 from dicomnode.process import InferenceCrashed, InferenceProcess, ProcessStage
@@ -34,6 +35,7 @@ log = logging.getLogger("dicomnode.node")
 ASSEMBLER_TICK = 0.1
 WORKER_TICK = 0.5
 DISPATCH_TICK = 0.25
+TRIM_INTERVAL = 60.0
 
 
 class StartError(RuntimeError):
@@ -114,9 +116,13 @@ class Node:
         self._loops: list[_Loop] = []
         self._scheduler = None
         self._metrics_server = None
+        self._last_trim = time.monotonic()
 
     # -- stage steps ------------------------------------------------------------------------
     def _assemble_step(self) -> bool:
+        if time.monotonic() - self._last_trim > TRIM_INTERVAL:  # hand freed memory back to the kernel
+            self._last_trim = time.monotonic()
+            heap.trim()
         completed = self.assembler.complete_due()
         for job in self.journal.jobs(["complete"]):
             try:
@@ -157,6 +163,7 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Node":
+        heap.limit_arenas(2)
         self.assembler.started_at = time.time()
         orphans = self.spool.remove_orphans()
         if orphans:
