@@ -36,9 +36,9 @@ PIX2PIX_BATCH, CDDPM_BATCH, CROP = 4, 6, 128
 
 
 def bf16_native() -> bool:
-    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(p()) for p in probes if p is not None)
+    from training.trainutil import cpu_bf16_native
+
+    return cpu_bf16_native()
 
 
 def timed(fn, steps: int, warmup: int = 2) -> float:

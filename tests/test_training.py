@@ -152,3 +152,15 @@ def test_lesion_weight_draws_lesion_studies_that_many_times_as_often():
     assert 2.8 < ratio < 3.2  # per-pair rate of lesion pairs vs the others
     plain = batches(40, 4, torch.Generator().manual_seed(0))
     assert sorted(torch.cat([next(plain) for _ in range(10)]).tolist()) == list(range(40))  # one epoch, each once
+
+
+def test_cpu_autocast_is_bf16_only_where_the_cpu_has_it():
+    import torch
+
+    from training.trainutil import autocast, cpu_bf16_native
+
+    with autocast(torch.device("cpu"), amp=True):
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == (torch.bfloat16 if cpu_bf16_native() else torch.float32)
+    with autocast(torch.device("cpu"), amp=False):
+        assert torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.float32

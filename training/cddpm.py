@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timesteps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--no-amp", action="store_true", help="fp32 only (default: fp16 on CUDA, bf16 on a CPU with native bf16)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after", type=int)
     ap.add_argument("--threads", type=int)

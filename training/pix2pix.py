@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decay-start", type=float, default=0.5, help="fraction of steps before the linear LR decay")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    ap.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    ap.add_argument("--no-amp", action="store_true", help="fp32 only (default: fp16 on CUDA, bf16 on a CPU with native bf16)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ap.add_argument("--stop-after", type=int, help="stop at this step (continue later with --resume)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")

@@ -126,6 +126,15 @@ def batches(n: int, batch_size: int, gen: torch.Generator, weights: torch.Tensor
             yield perm[i:i + batch_size]
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if p is not None)
+
+
 def autocast(device: torch.device, amp: bool):
-    """fp16 autocast on CUDA when `amp`; a no-op context on CPU."""
-    return torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
+    """Mixed precision when `amp`: fp16 on CUDA; bf16 on a CPU with native bf16 (1.4-1.9x the
+    images/s of fp32 there, bench/bench_train.py); fp32 otherwise."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16, enabled=amp)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp and device.type == "cpu" and cpu_bf16_native())
