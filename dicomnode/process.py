@@ -312,11 +312,11 @@ class ProcessStage:
         timings = dict(job.timings)
         started = time.perf_counter()
         out_dir = self.spool.output_dir(job.id)
-        if out_dir.exists():  # a re-run must not send stale files from an earlier attempt
-            self.spool.remove_tree(out_dir)
-        request = ProcessRequest(job.id, job.study_uid, job.series_uid,
-                                 tuple(i.path for i in self.journal.instances(job.series_uid)), str(out_dir))
         try:
+            if out_dir.exists():  # a re-run must not send stale files from an earlier attempt
+                self.spool.remove_tree(out_dir)
+            request = ProcessRequest(job.id, job.study_uid, job.series_uid,
+                                     tuple(i.path for i in self.journal.instances(job.series_uid)), str(out_dir))
             result = self.engine.run(request, timeout=self.inference.timeout_seconds)
         except InferenceCrashed as exc:
             if job.attempts < self.inference.crash_retries:
@@ -327,6 +327,9 @@ class ProcessStage:
             return self._fail(job, str(exc), timings)
         except (InferenceFailed, InferenceTimeout) as exc:
             return self._fail(job, str(exc), timings)
+        except Exception as exc:  # anything else on the node's side: the job must not stay 'processing'
+            log.exception("job %d: unexpected error while processing", job.id)
+            return self._fail(job, f"{type(exc).__name__}: {exc}", timings)
         timings.update({k: round(v, 4) for k, v in result["timings"].items()})
         timings["process_total"] = round(time.perf_counter() - started, 4)
         note = (f"{result['outputs']} images by {self.engine.info.get('name', '?')} in "
