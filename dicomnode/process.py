@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import signal
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -132,13 +133,15 @@ class InferenceProcess:
         self._conn: Connection | None = None
         self._ready = False
         self._last_start = float("-inf")
+        self._pipe = threading.RLock()  # one reader of the pipe at a time
 
     @property
     def ready(self) -> bool:
         """The processor is built (model loaded); picks up a pending 'ready' message without waiting."""
-        if not self._ready and self._conn is not None and self._proc is not None and self._proc.is_alive():
+        # Called from the health endpoint's thread too: read the pipe only when no one else is.
+        if not self._ready and self._pipe.acquire(blocking=False):
             try:
-                if self._conn.poll(0):
+                if self._conn is not None and self._proc is not None and self._proc.is_alive() and self._conn.poll(0):
                     kind, payload = self._conn.recv()
                     if kind == "ready":
                         self.info, self._ready = payload, True
@@ -147,6 +150,8 @@ class InferenceProcess:
                         self._reap()
             except (EOFError, OSError):
                 pass
+            finally:
+                self._pipe.release()
         return self._ready
 
     def ensure_started(self, min_interval: float = 10.0) -> None:
@@ -176,7 +181,10 @@ class InferenceProcess:
             self._await_ready(self.start_timeout)
 
     def _await_ready(self, timeout: float) -> None:
-        kind, payload = self._receive(time.monotonic() + timeout, what="start")
+        with self._pipe:
+            if self._ready:  # the health endpoint picked the message up meanwhile
+                return
+            kind, payload = self._receive(time.monotonic() + timeout, what="start")
         if kind == "error":
             self._reap()
             raise InferenceCrashed(f"the inference process could not start: {payload}")
@@ -190,6 +198,10 @@ class InferenceProcess:
             self.start(wait_ready=False)
         if not self.ready:
             self._await_ready(self.start_timeout)
+        with self._pipe:
+            return self._exchange(request, timeout)
+
+    def _exchange(self, request: ProcessRequest, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         try:
             self._conn.send(request)

@@ -158,7 +158,8 @@ class StoreSCP:
     # -- handlers ---------------------------------------------------------------------------
     def _on_requested(self, event) -> None:
         """The A-ASSOCIATE-RQ has arrived: from now on ACSE waits `acse_timeout`. Enforce
-        max_associations on requests; reject hosts outside the allowlist (normally closed at accept)."""
+        max_associations on requests (hosts outside the allowlist never get here: the listener
+        closes their connection at accept)."""
         event.assoc.acse_timeout = self.cfg.node.acse_timeout
         if self._server is not None and self._server.requested() > self.cfg.node.max_associations:
             log.warning("rejecting association from %s: %d associations already", event.assoc.requestor.address,
@@ -166,18 +167,6 @@ class StoreSCP:
             event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation: local limit exceeded
             event.assoc.kill()
             return
-        if not self._allowed_nets:
-            return
-        address = event.assoc.requestor.address
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            ip = None
-        if ip is None or not any(ip in net for net in self._allowed_nets):
-            log.warning("rejecting association from host %s: not in allowed_hosts", address)
-            # rejected-permanent, service-user, no-reason-given
-            event.assoc.acse.send_reject(0x01, 0x01, 0x01)
-            event.assoc.kill()  # lets the DUL flush the A-ASSOCIATE-RJ before the socket closes
 
     def _on_rejected(self, event) -> None:
         assoc = event.assoc
