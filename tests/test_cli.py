@@ -39,18 +39,26 @@ def test_echo_send_and_status_against_a_running_node(tmp_path, port):
     assert r.exit_code == 1 and "C-ECHO failed" in r.output
 
 
-def test_send_to_a_dcmtk_storescp(tmp_path, port):
+def test_send_to_a_dcmtk_storescp(tmp_path):
     import subprocess
     import time
 
+    from conftest import free_port
+
     make_series(tmp_path / "in", slices=3)
     (tmp_path / "sink").mkdir()
-    proc = subprocess.Popen([dcmtk("storescp"), "-od", str(tmp_path / "sink"), str(port)])
-    try:
+    for _ in range(3):  # a free port can be taken between choosing it and binding it: choose again
+        port = free_port()
+        proc = subprocess.Popen([dcmtk("storescp"), "-od", str(tmp_path / "sink"), str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(50):
-            if run([dcmtk("echoscu"), "127.0.0.1", str(port)], check=False).returncode == 0:
+            if proc.poll() is not None or run([dcmtk("echoscu"), "127.0.0.1", str(port)], check=False).returncode == 0:
                 break
             time.sleep(0.1)
+        if proc.poll() is None:
+            break
+    try:
+        assert proc.poll() is None, "storescp did not start"
         r = CliRunner().invoke(app, ["send", str(tmp_path / "in"), "--port", str(port), "--aec", "ANY-SCP"])
         assert r.exit_code == 0, r.output
         assert len(list((tmp_path / "sink").iterdir())) == 3
