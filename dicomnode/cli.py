@@ -64,6 +64,10 @@ def infer(
     select_all: bool = typer.Option(False, "--all", help="Process every series, ignoring the selection rules."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="A node.toml whose \\[rules] and \\[inference] sections apply."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on a Ray cluster at this address ('local': a "
+                                      "one-machine Ray); restartable archive mode. Needs dicomnode[ray]."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Model actors on the cluster (series at "
+                                         "once); default: the config's [inference] ray_actors."),
 ) -> None:
     """Run select -> synthesise -> encode on files, offline (same engine as the node)."""
     import logging
@@ -81,6 +85,9 @@ def infer(
         raise typer.Exit(2) from None
     _check_device(device or cfg.inference.device)
     inference = cfg.inference.model_copy(update={k: v for k, v in (("model", model), ("device", device)) if v})
+    if ray:
+        _infer_on_ray(in_dir, out_dir, cfg, inference, ray, actors, select_all, png)
+        return
     try:
         synth = load_synthesizer(inference)
     except (ModelError, ValueError, RuntimeError) as exc:
@@ -88,6 +95,10 @@ def infer(
         raise typer.Exit(3) from None
     with _progress("synthesising slices") as bar:
         outcomes = run_infer(in_dir, out_dir, synth, rules=cfg.rules, select_all=select_all, png=png, progress=bar)
+    _report(outcomes, out_dir)
+
+
+def _report(outcomes, out_dir: Path) -> None:
     for o in outcomes:
         state = (f"FAILED: {o.error}" if o.error else f"{o.outputs} images -> {o.output_dir}") if o.selected \
             else f"skipped: {o.reason}"
@@ -95,6 +106,37 @@ def infer(
     typer.echo(f"summary: {out_dir / 'infer.json'}")
     if any(o.error for o in outcomes):
         raise typer.Exit(1)
+
+
+def _infer_on_ray(in_dir, out_dir, cfg, inference, address, actors, select_all, png) -> None:
+    import importlib.util
+
+    if png:
+        typer.echo("--png is not available with --ray (previews need the pixels on this machine)", err=True)
+        raise typer.Exit(2)
+    if importlib.util.find_spec("ray") is None:
+        typer.echo("--ray needs Ray: pip install 'dicomnode[ray]'", err=True)
+        raise typer.Exit(2)
+    from dicomnode.cluster import RayEngine
+    from dicomnode.node import Synthesis
+    from dicomnode.tools.offline import run_infer_cluster
+
+    inference = inference.model_copy(update={"backend": "ray", "ray_address": address,
+                                             **({"ray_actors": actors} if actors else {})})
+    engine = RayEngine(Synthesis(inference), inference)
+    engine.start(wait_ready=True)
+    try:
+        ok, detail = engine.status()
+        if not ok:
+            typer.echo(f"cannot use the Ray cluster: {detail}", err=True)
+            raise typer.Exit(3)
+        typer.echo(detail)
+        with _progress("series") as bar:
+            outcomes = run_infer_cluster(in_dir, out_dir, engine, rules=cfg.rules, select_all=select_all,
+                                         timeout=inference.timeout_seconds, progress=bar)
+    finally:
+        engine.stop()
+    _report(outcomes, out_dir)
 
 
 @app.command()

@@ -201,6 +201,13 @@ class InferenceConfig(Section):
     crash_retries: Annotated[int, Field(ge=0)] = 1  # a job whose inference process dies is retried this often
     start_timeout_seconds: Positive = 600.0  # for the inference process to load the model
     banner: bool = True
+    # Where inference runs: "local" (the node's own inference process) or "ray" (model actors on a
+    # Ray cluster; needs `pip install 'dicomnode[ray]'`, docs/cluster.md).
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str = "local"  # "local": a one-machine Ray started by the node; else "HOST:6379" or "ray://HOST:10001"
+    ray_actors: Annotated[int, Field(ge=1, le=256)] = 1  # model actors = jobs in flight at once
+    ray_cpus_per_actor: Annotated[float, Field(gt=0)] = 1.0
+    ray_gpus_per_actor: Annotated[float, Field(ge=0)] | None = None  # unset: 1 if the cluster has GPUs, else 0
 
     @field_validator("device")
     @classmethod
@@ -264,6 +271,12 @@ class Config(Section):
             problem = host_problem(dest.host)
             if problem:
                 raise ConfigError(f"{self.source}: [[destinations]][{i}].host: {problem}")
+        if self.inference.backend == "ray":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise ConfigError(f"{self.source}: [inference].backend: 'ray' needs Ray on this machine: "
+                                  "pip install 'dicomnode[ray]'")
         if not self.destinations:
             return ["no [[destinations]] configured: synthetic series are made but sent nowhere"]
         return []

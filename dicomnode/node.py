@@ -14,7 +14,8 @@ import errno
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from dicomnode.assemble import Assembler
@@ -53,6 +54,10 @@ class Synthesis:
 
     inference: InferenceConfig
     uncertainty: bool = False  # [output] uncertainty
+
+    def using_model(self, folder) -> "Synthesis":
+        """The same recipe with the model loaded from `folder` (a Ray actor's copy of the model)."""
+        return replace(self, inference=self.inference.model_copy(update={"model": str(folder)}))
 
     def __call__(self):
         from dicomnode.synthesize import load_synthesizer
@@ -99,15 +104,12 @@ class Node:
         self.spool = Spool(cfg.node.storage_dir)
         self.journal = Journal(cfg.journal_path, audit_file=cfg.logging.audit_file)
         self.metrics = Metrics(self.journal, self.spool)
-        self.scp = StoreSCP(cfg, self.spool, self.journal, self.metrics, on_stored=self._on_stored)
+        self.scp = StoreSCP(cfg, self.spool, self.journal, self.metrics)
         self.assembler = Assembler(cfg.series, self.journal, self.metrics)
         self.selector = Selector(cfg.rules, self.journal, self.metrics)
         self.heartbeats = Heartbeats()
         self.notifier = SystemdNotifier()
-        self.engine = InferenceProcess(processor, start_timeout=cfg.inference.start_timeout_seconds,
-                                       on_progress=on_progress, on_restart=self._on_engine_restart,
-                                       on_wait=lambda: self.heartbeats.beat("worker")) \
-            if processor is not None else None
+        self.engine = self._make_engine(processor, on_progress) if processor is not None else None
         self.worker = ProcessStage(cfg.inference, self.journal, self.spool, self.engine,
                                    [d.name for d in cfg.destinations], self.metrics) if self.engine else None
         self.dispatcher = Dispatcher(cfg, self.journal, self.metrics)
@@ -117,6 +119,18 @@ class Node:
         self._scheduler = None
         self._metrics_server = None
         self._last_trim = time.monotonic()
+        self._in_flight: set[int] = set()  # job ids being processed by the pool (engines of capacity > 1)
+        self._in_flight_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _make_engine(self, processor: Any, on_progress):
+        inference = self.cfg.inference
+        if inference.backend == "ray":
+            from dicomnode.cluster import RayEngine  # imports Ray; only when configured
+
+            return RayEngine(processor, inference, on_restart=self._on_engine_restart)
+        return InferenceProcess(processor, start_timeout=inference.start_timeout_seconds, on_progress=on_progress,
+                                on_restart=self._on_engine_restart, on_wait=lambda: self.heartbeats.beat("worker"))
 
     # -- stage steps ------------------------------------------------------------------------
     def _assemble_step(self) -> bool:
@@ -140,21 +154,42 @@ class Node:
         self.engine.ensure_started()
         if not self.worker.flush():  # an earlier outcome still waits for the journal (disk full)
             return False
-        jobs = self.journal.jobs([JobState.SELECTED], limit=1)
-        if not jobs or self._stop.is_set():
-            return False
-        if self.worker.process(jobs[0]) == JobState.SENDING:
-            self._wake("dispatcher")
-        return True
+        if self.engine.hold_jobs_while_unready and not self.engine.ready:
+            return False  # e.g. the Ray cluster is unreachable: jobs stay 'selected'
+        if self._pool is None:  # one job at a time, on this thread
+            jobs = self.journal.jobs([JobState.SELECTED], limit=1)
+            if not jobs or self._stop.is_set():
+                return False
+            if self.worker.process(jobs[0]) == JobState.SENDING:
+                self._wake("dispatcher")
+            return True
+        with self._in_flight_lock:
+            free = self.engine.capacity - len(self._in_flight)
+            if free <= 0 or self._stop.is_set():
+                return False
+            jobs = [j for j in self.journal.jobs([JobState.SELECTED], limit=self.engine.capacity * 2)
+                    if j.id not in self._in_flight][:free]
+            self._in_flight.update(j.id for j in jobs)
+        for job in jobs:
+            self._pool.submit(self._process_in_pool, job)
+        return False  # the pool's threads wake this loop when a slot frees up
+
+    def _process_in_pool(self, job) -> None:
+        try:
+            if self.worker.process(job) == JobState.SENDING:
+                self._wake("dispatcher")
+        except Exception:  # ProcessStage records every outcome; this is the last line of defence
+            log.exception("job %d: unexpected error in the processing pool", job.id)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(job.id)
+            self._wake("worker")
 
     def _on_engine_restart(self, reason: str) -> None:
         self.metrics.inference_restarts.labels(reason).inc()
 
     def _dispatch_step(self) -> bool:
         return self.dispatcher.run_due() > 0
-
-    def _on_stored(self, job_id: int | None) -> None:
-        self._wake("assembler")
 
     def _wake(self, name: str) -> None:
         for loop in self._loops:
@@ -173,6 +208,10 @@ class Node:
             log.warning("re-queued %d job(s) interrupted by a restart", len(recovered))
         if self.engine is None:
             log.warning("no synthesiser loaded: selected series wait in the queue until one is configured")
+        elif self.engine.capacity > 1 or self.engine.hold_jobs_while_unready:
+            # a cluster: the node receives while it connects; /readyz says when the actors are up
+            self._pool = ThreadPoolExecutor(self.engine.capacity, thread_name_prefix="dicomnode-job")
+            self.engine.start(wait_ready=False)
         else:
             try:  # the model is loaded before the node listens, as an operator expects of a started node
                 self.engine.start(wait_ready=True)
@@ -221,10 +260,7 @@ class Node:
         if self.engine is None:
             checks.append(Check("model", True, "no model configured (receive, select and dispatch only)"))
         else:
-            pid = self.engine.pid
-            checks.append(Check("model", bool(pid and self.engine.ready),
-                                f"{self.engine.info.get('name', '?')} loaded in process {pid}" if pid and self.engine.ready
-                                else "the inference process is (re)starting"))
+            checks.append(Check("model", *self.engine.status()))
         checks.append(Check("spool_writable", writable(self.spool.root), str(self.spool.root)))
         free, low = self.spool.free_mb(), self.cfg.node.min_free_disk_mb
         checks.append(Check("disk", free >= low, f"{free:.0f} MB free, watermark {low} MB"))
@@ -255,7 +291,9 @@ class Node:
         if self._metrics_server is not None:
             self._metrics_server.stop()
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop()  # jobs still on a Ray actor go back to the queue ('selected')
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self.journal.close()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from dicomnode.config import InferenceConfig
 from dicomnode.journal import Job, JobState, Journal
-from dicomnode.records import CompleteSeries, Processor
+from dicomnode.records import CompleteSeries, Processor, ProcessResult
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.process")
@@ -43,6 +43,10 @@ class InferenceCrashed(RuntimeError):
 
 class InferenceTimeout(RuntimeError):
     """The job exceeded the watchdog; the inference process was killed and replaced."""
+
+
+class InferenceUnavailable(RuntimeError):
+    """Where inference runs cannot be reached (a Ray cluster): the job waits, no attempt is counted."""
 
 
 @dataclass(frozen=True)
@@ -92,24 +96,37 @@ def _child_main(conn: Connection, processor_spec: Any) -> None:
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
 
 
+def run_processor(processor: Processor, req: ProcessRequest, datasets: list) -> ProcessResult:
+    """One job through a processor, wherever it runs (the inference process, a Ray actor)."""
+    series = CompleteSeries(req.job_id, req.study_uid, req.series_uid, tuple(Path(p) for p in req.paths))
+    result = processor.process(series, datasets)
+    if not result.datasets:
+        raise ValueError("the processor returned no images")
+    return result
+
+
+def output_name(ds) -> str:
+    """The file name of a derived instance in the job's output folder."""
+    from dicomnode.spool import check_uid
+
+    return f"{check_uid(ds.SOPInstanceUID, 'output SOP Instance UID')}.dcm"
+
+
 def _run(processor: Processor, req: ProcessRequest) -> dict:
     from pydicom import dcmread
 
-    from dicomnode.spool import check_uid, write_dataset
+    from dicomnode.spool import write_dataset
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     datasets = [dcmread(p) for p in req.paths]
     timings["load"] = time.perf_counter() - t0
-    series = CompleteSeries(req.job_id, req.study_uid, req.series_uid, tuple(Path(p) for p in req.paths))
-    result = processor.process(series, datasets)
+    result = run_processor(processor, req, datasets)
     timings.update(result.timings)
-    if not result.datasets:
-        raise ValueError("the processor returned no images")
     t0 = time.perf_counter()
     out_dir = Path(req.out_dir)
     for ds in result.datasets:
-        write_dataset(out_dir / f"{check_uid(ds.SOPInstanceUID, 'output SOP Instance UID')}.dcm", ds)
+        write_dataset(out_dir / output_name(ds), ds)
     timings["write"] = time.perf_counter() - t0
     return {"outputs": len(result.datasets), "timings": timings, "metrics": dict(result.metrics)}
 
@@ -118,6 +135,9 @@ def _run(processor: Processor, req: ProcessRequest) -> dict:
 class InferenceProcess:
     """Owns the inference process: start (and wait until the processor is built), run one request
     with a watchdog, replace the process when it dies or hangs, stop."""
+
+    capacity = 1  # jobs in flight at once
+    hold_jobs_while_unready = False  # a job waits in `run` for a (re)starting process
 
     def __init__(self, processor_spec: Any, *, start_timeout: float = 600.0,
                  on_progress: Callable[[int, int], None] | None = None, on_restart: Callable[[str], None] | None = None,
@@ -168,6 +188,13 @@ class InferenceProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
+
+    def status(self) -> tuple[bool, str]:
+        """(ready, what /readyz says about the model)."""
+        pid = self.pid
+        if pid and self.ready:
+            return True, f"{self.info.get('name', '?')} loaded in process {pid}"
+        return False, "the inference process is (re)starting"
 
     def start(self, wait_ready: bool = True) -> None:
         self._last_start = time.monotonic()
@@ -275,7 +302,8 @@ class InferenceProcess:
 
 
 class ProcessStage:
-    """Runs one selected job at a time through the inference process and records the outcome.
+    """Runs a selected job through the engine (the inference process or a Ray actor pool) and
+    records the outcome; with an engine of capacity > 1 the node calls it from several threads.
 
     An outcome the journal cannot record (SQLite: "database or disk is full") is kept here and
     recorded by `flush()` once space returns, before any new job starts, so a job is never left
@@ -289,7 +317,7 @@ class ProcessStage:
         self.engine = engine
         self.destinations = destinations
         self.metrics = metrics
-        self._unrecorded: dict[int, tuple[JobState, dict]] = {}
+        self._unrecorded: dict[int, tuple[JobState, dict]] = {}  # written from several threads: one key each
 
     def flush(self) -> bool:
         """Record outcomes that could not be recorded before; True when none is left."""
@@ -330,6 +358,10 @@ class ProcessStage:
             request = ProcessRequest(job.id, job.study_uid, job.series_uid,
                                      tuple(i.path for i in self.journal.instances(job.series_uid)), str(out_dir))
             result = self.engine.run(request, timeout=self.inference.timeout_seconds)
+        except InferenceUnavailable as exc:
+            log.warning("job %d: %s; it waits in the queue", job.id, exc)
+            self._record(job.id, JobState.SELECTED, error=str(exc)[:2000])
+            return JobState.SELECTED
         except InferenceCrashed as exc:
             if job.attempts < self.inference.crash_retries:
                 log.error("job %d: %s; retrying (attempt %d of %d)", job.id, exc, job.attempts + 2,

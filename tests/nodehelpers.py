@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 from pathlib import Path
 
 from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
 from dicomnode.config import config_from_dict
 
@@ -72,3 +76,31 @@ def wait_for(pred, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(pred())
+
+
+class Sink:
+    """The PACS: records every arrival (SOP UID, series UID, pixel hash), duplicates included."""
+
+    def __init__(self):
+        self.arrivals: list[tuple[str, str, str]] = []
+        self.lock = threading.Lock()
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(SecondaryCaptureImageStorage)
+        self.port = _free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+
+    def on_store(self, event) -> int:
+        ds = event.dataset
+        with self.lock:
+            self.arrivals.append((str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                                  hashlib.sha256(ds.PixelData).hexdigest()))
+        return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

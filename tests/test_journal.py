@@ -90,3 +90,42 @@ def test_failed_begin_releases_the_write_lock(tmp_path):
         j.record_instance(inst("1.1"))
     blocker.execute("ROLLBACK")
     assert j.record_instance(inst("1.1"))[0] is not None  # not deadlocked
+
+
+def test_concurrent_instances_are_all_recorded_with_their_own_results(tmp_path):
+    """Group commit: eight threads record at once; each gets its own (job, is_new) back."""
+    import threading
+
+    j = Journal(tmp_path / "j.sqlite")
+    results: dict[str, tuple] = {}
+
+    def sender(k):
+        for i in range(40):
+            sop = f"1.{k}.{i}"
+            results[sop] = j.record_instance(inst(sop, series=f"9.{k}"))
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert j.instance_count() == 320
+    for k in range(8):
+        jobs = {results[f"1.{k}.{i}"][0] for i in range(40)}
+        assert len(jobs) == 1 and all(results[f"1.{k}.{i}"][1] for i in range(40))  # one job per series, all new
+    assert len({results[f"1.{k}.0"][0] for k in range(8)}) == 8
+    assert j.record_instance(inst("1.0.0", series="9.0"))[1] is False  # a re-send, recorded as such
+
+
+def test_one_failing_instance_in_a_group_commit_does_not_undo_the_others(tmp_path):
+    from dicomnode.journal import _Queued
+
+    j = Journal(tmp_path / "j.sqlite")
+    bad = inst("1.2", series=None)  # NOT NULL constraint
+    batch = [_Queued(inst("1.1"), "reprocess"), _Queued(bad, "reprocess"), _Queued(inst("1.3"), "reprocess")]
+    with j._write_lock:
+        j._record_batch(batch)
+    assert all(item.done for item in batch)
+    assert batch[1].error is not None and batch[1].result is None
+    assert batch[0].error is None and batch[2].error is None and batch[0].result[0] == batch[2].result[0]
+    assert j.instance("1.1") is not None and j.instance("1.3") is not None and j.instance("1.2") is None

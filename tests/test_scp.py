@@ -156,3 +156,43 @@ def make_certs(d: Path) -> dict[str, Path]:
         run(ssl + ["x509", "-req", "-in", str(csr), "-CA", str(p["ca.crt"]), "-CAkey", str(p["ca.key"]),
                    "-CAcreateserial", "-out", str(p[f"{who}.crt"]), "-days", "2", "-extfile", str(ext)])
     return p
+
+
+def test_contexts_are_copied_per_association_without_sharing_lists(node):
+    import copy
+
+    contexts = node.scp._server.contexts
+    dup = copy.deepcopy(contexts)
+    assert len(dup) == len(contexts) > 100
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in dup] == \
+           [(c.abstract_syntax, c.transfer_syntax) for c in contexts]
+    dup[0].transfer_syntax.clear()
+    assert contexts[0].transfer_syntax  # pynetdicom may edit its copy; the server's stays whole
+
+
+def test_dul_polls_fast_only_while_an_association_transfers(node, port):
+    """pynetdicom's DUL sleeps between polls; the listener shortens that sleep while PDUs flow and
+    restores pynetdicom's default once the association has been quiet for ACTIVE_WINDOW."""
+    import time
+
+    from pynetdicom import AE
+
+    from dicomnode.listener import ACTIVE_WINDOW, POLL_ACTIVE, POLL_IDLE
+
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        def delay() -> float:
+            (served,) = [a for _, a in node.scp._server._live() if a is not None]
+            return served.dul._run_loop_delay
+
+        assert delay() == POLL_ACTIVE  # negotiation just happened
+        time.sleep(ACTIVE_WINDOW + 0.4)
+        assert delay() == POLL_IDLE
+        assert assoc.send_c_echo().Status == 0
+        time.sleep(0.25)
+        assert delay() == POLL_ACTIVE
+    finally:
+        assoc.release()

@@ -74,3 +74,26 @@ def test_log_lines_a_stranger_can_provoke_are_rate_limited():
     time.sleep(0.25)
     later = record()
     assert limit.filter(later) and "[7 similar line(s) suppressed" in later.getMessage()
+
+
+@pytest.mark.parametrize("sop_class,sop_uid,ts", [
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4", "1.2.840.10008.1.2.1"),       # even and odd lengths
+    ("1.2.840.10008.5.1.4.1.1.7", "1.2.3.45", "1.2.840.10008.1.2"),
+    ("1.2.840.10008.5.1.4.1.1.4", "2.25." + "9" * 59, "1.2.840.10008.1.2.4.70"),  # 64 characters
+])
+def test_part10_header_is_what_pydicom_writes_for_pynetdicoms_file_meta(sop_class, sop_uid, ts):
+    from io import BytesIO
+
+    from pydicom import dcmread
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from dicomnode.spool import part10_header
+
+    expected = BytesIO()
+    expected.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(expected, create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid,
+                                                    transfer_syntax=ts), enforce_standard=True)
+    assert part10_header(sop_class, sop_uid, ts) == expected.getvalue()
+    meta = dcmread(BytesIO(part10_header(sop_class, sop_uid, ts)), force=True).file_meta
+    assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (sop_uid, ts)

@@ -77,7 +77,7 @@ def test_resolve_by_name_default_and_path(tiny, tmp_path, monkeypatch):
 def test_default_missing_names_every_place(tmp_path, monkeypatch):
     monkeypatch.setenv("DICOMNODE_MODELS", str(tmp_path))
     for name, sub in (("REPO_MODELS", "repo"), ("PREFIX_MODELS", "prefix"), ("SYSTEM_MODELS", "sys")):
-        monkeypatch.setattr(f"dicomnode.synthesize.{name}", tmp_path / sub)
+        monkeypatch.setattr(f"dicomnode.modelpath.{name}", tmp_path / sub)
     with pytest.raises(ModelError, match=rf"shipped model '{DEFAULT_MODEL}' not found.*{tmp_path}/{DEFAULT_MODEL}.*"
                                          rf"repo/{DEFAULT_MODEL}.*prefix/{DEFAULT_MODEL}.*sys/{DEFAULT_MODEL}"):
         load_synthesizer(InferenceConfig(model="default"))
@@ -152,7 +152,7 @@ def test_truncated_slice_fails_clearly_and_engine_recovers(synth, case, tmp_path
 
 
 def test_the_source_tree_models_folder_is_on_the_search_path():
-    from dicomnode.synthesize import REPO_MODELS, model_search_path
+    from dicomnode.modelpath import REPO_MODELS, model_search_path
 
     repo_models = Path(__file__).resolve().parents[1] / "models"
     assert REPO_MODELS == repo_models and repo_models in model_search_path()

@@ -164,3 +164,40 @@ def test_cpu_autocast_is_bf16_only_where_the_cpu_has_it():
     assert y.dtype == (torch.bfloat16 if cpu_bf16_native() else torch.float32)
     with autocast(torch.device("cpu"), amp=False):
         assert torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.float32
+
+
+def test_uptake_map_reads_the_pet_share_of_a_phantom_fusion():
+    from dicomnode.tools.phantom import render_fusion
+    from training.trainutil import uptake_map
+
+    t2 = np.linspace(0, 1000, 64 * 64, dtype=np.float32).reshape(64, 64)
+    suv = np.zeros((64, 64), np.float32)
+    suv[10:20, 10:20], suv[40:50, 40:50] = 7.0, 2.0   # top of the window; marrow-like
+    lo, hi = np.percentile(t2, [0.5, 99.5])
+    fusion = render_fusion(t2, suv, t2_window=((lo + hi) / 2, hi - lo))
+    mr = torch.from_numpy(np.clip((t2 - lo) / (hi - lo) * 2 - 1, -1, 1))[None, None]
+    fus = torch.from_numpy(fusion.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    u = uptake_map(mr, fus)[0, 0]
+    assert u[12:18, 12:18].min() > 0.97                           # SUV 7: white, u = 1
+    assert 0.15 < u[42:48, 42:48].mean() < 0.35                   # SUV 2: hot(2/7) is dim red
+    assert u[30:36, 0:8].max() < 0.02 and u[30:36, 56:64].max() < 0.02  # no uptake, dark or bright MR
+
+
+def test_uptake_weighted_l1_weights_hot_pixels_that_much_more():
+    from training.trainutil import uptake_weighted_l1
+
+    mr = -torch.ones(1, 1, 4, 4)                     # black MR: the fusion is all PET
+    real = -torch.ones(1, 3, 4, 4)
+    real[..., 0, 0] = 1.0                            # one white pixel: u = 1
+    pred = real.clone()
+    pred[..., 0, 0] -= 0.5                           # an error only on the hot pixel ...
+    hot_err = uptake_weighted_l1(pred, real, mr, 10.0)
+    pred2 = real.clone()
+    pred2[..., 3, 3] += 0.5                          # ... or the same error on a cold one
+    cold_err = uptake_weighted_l1(pred2, real, mr, 10.0)
+    assert hot_err.item() == pytest.approx(10 * cold_err.item())
+    assert cold_err.item() == pytest.approx(0.5 / (15 + 10))   # normalised by the weights' sum
+    plain = torch.nn.functional.l1_loss(pred, real)
+    assert uptake_weighted_l1(pred, real, mr, 1.0).item() == pytest.approx(plain.item())
+    with pytest.raises(ValueError):
+        uptake_weighted_l1(pred, real, mr, 0.0)

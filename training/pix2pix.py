@@ -28,6 +28,7 @@ from training.trainutil import (
     resolve_device,
     save_checkpoint,
     seed_all,
+    uptake_weighted_l1,
 )
 
 FIELDS = ["step", "epoch", "lr", "loss_d", "loss_g_gan", "loss_l1", "seconds"]
@@ -38,7 +39,7 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
           seed: int = 0, device: str = "auto", amp: bool = True, resume: bool = False,
           threads: int | None = None, log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250,
           limit: int | None = None, quiet: bool = False, stop_after: int | None = None,
-          lesion_weight: float = 1.0) -> dict:
+          lesion_weight: float = 1.0, uptake_weight: float = 1.0) -> dict:
     """Train (or resume) a Pix2Pix generator; returns a summary with the final losses."""
     if threads:
         torch.set_num_threads(threads)
@@ -92,7 +93,7 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
             with autocast(dev, amp):
                 p_fake = D(mr, fake)
                 loss_gan = F.mse_loss(p_fake.float(), torch.ones_like(p_fake, dtype=torch.float32))
-                loss_l1 = F.l1_loss(fake.float(), real.float())
+                loss_l1 = uptake_weighted_l1(fake, real, mr, uptake_weight)
                 loss_g = loss_gan + lambda_l1 * loss_l1
             opt_g.zero_grad(set_to_none=True)
             scaler.scale(loss_g).backward()
@@ -112,7 +113,7 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                                        "sched": [s.state_dict() for s in sched], "scaler": scaler.state_dict(),
                                        "rng": torch.get_rng_state(), "seed": seed,
                                        "data": str(data), "train_pairs": len(train_set), "batch_size": batch_size,
-                                       "lesion_weight": lesion_weight})
+                                       "lesion_weight": lesion_weight, "uptake_weight": uptake_weight})
             if step % sample_every == 0 or step == steps:
                 sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
                 G.train()
@@ -124,7 +125,7 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
         sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
     plots.loss_curves(out / "log.csv", out / "loss.png", ["loss_l1", "loss_d", "loss_g_gan"], title="Pix2Pix losses")
     return {"steps": step, "train_pairs": len(train_set), "epochs": round(step / per_epoch, 2), **last,
-            "lesion_weight": lesion_weight, "checkpoint": str(ckpt)}
+            "lesion_weight": lesion_weight, "uptake_weight": uptake_weight, "checkpoint": str(ckpt)}
 
 
 @torch.no_grad()
@@ -189,10 +190,13 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, help="use at most this many training pairs")
     ap.add_argument("--lesion-weight", type=float, default=1.0,
                     help="draw pairs of studies with a lesion this many times as often (pairs.csv lesion=1)")
+    ap.add_argument("--uptake-weight", type=float, default=1.0,
+                    help="weight of the hottest pixels in the L1 term, 1 + (W-1) u^2 with u the PET share (1: plain L1)")
     a = ap.parse_args(argv)
     res = train(a.data, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                 lambda_l1=a.lambda_l1, decay_start=a.decay_start, seed=a.seed, device=a.device, amp=not a.no_amp,
                 resume=a.resume, stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
-                limit=a.limit, lesion_weight=a.lesion_weight)
+                limit=a.limit, lesion_weight=a.lesion_weight,
+                uptake_weight=a.uptake_weight)
     print(json.dumps(res))
     return 0

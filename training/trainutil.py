@@ -116,6 +116,34 @@ def lesion_weights(split: Split, weight: float) -> torch.Tensor | None:
                         dtype=torch.float64)
 
 
+def uptake_map(mr: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
+    """How much PET colour each fusion pixel carries, in [0, 1] (N,1,H,W).
+
+    A PET/T2FS fusion is rgb = (1 - a) * grey(MR) + a * hot(SUV) with a = 0.5 (docs/phantom.md);
+    removing the grey share leaves the mean of the hot colour map, which rises monotonically with
+    SUV from 0 (no uptake) to 1 (white, the top of the SUV window). The MR input is on the same
+    0.5..99.5 percentile window as the fusion's grey, so grey = (mr + 1) / 2. On an export with a
+    different window this is an approximation, which is all a loss weight needs."""
+    grey = (mr.float() + 1.0) / 2.0
+    rgb = (fusion.float() + 1.0) / 2.0
+    return ((rgb.mean(1, keepdim=True) - 0.5 * grey) / 0.5).clamp(0.0, 1.0)
+
+
+def uptake_weighted_l1(pred: torch.Tensor, real: torch.Tensor, mr: torch.Tensor, weight: float) -> torch.Tensor:
+    """L1 with each pixel weighted 1 + (weight - 1) * u^2, u = `uptake_map` of the real fusion, and
+    normalised by the weights' sum (so weight 1 is plain L1). Squaring keeps the wide, faint marrow
+    uptake (u ~ 0.2) near 1 and puts the weight on hot spots: an infected disc, myocardium, bladder.
+    Why: under L1 a rare hot pixel the MR cannot fully explain is predicted at the median, and the
+    lesion is under-shown; weighting the hot pixels moves the estimate up there."""
+    if weight <= 0:
+        raise ValueError(f"uptake weight must be positive, got {weight}")
+    err = (pred.float() - real.float()).abs()
+    if weight == 1.0:
+        return err.mean()
+    w = 1.0 + (weight - 1.0) * uptake_map(mr, real) ** 2
+    return (err * w).sum() / (w.sum() * err.shape[1])
+
+
 def batches(n: int, batch_size: int, gen: torch.Generator, weights: torch.Tensor | None = None):
     """Endless index batches (epoch after epoch), driven by a seeded generator: each epoch is a
     shuffle of all n items or, with `weights`, n draws with replacement in proportion to them."""

@@ -34,8 +34,7 @@ FILES = {"pix2pix": "pix2pix.safetensors", "cddpm": "cddpm.safetensors"}
 DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 8, "strength": 0.5, "samples": 1}
 
 
-class ModelError(RuntimeError):
-    """A model directory that cannot be used; the message names the file."""
+from dicomnode.modelpath import ModelError  # noqa: E402,F401 (defined without torch, raised here too)
 
 
 def sha256_file(path: Path) -> str:

@@ -132,3 +132,94 @@ def _one_series(outcome: SeriesOutcome, paths: list[Path], out_dir: Path, synthe
     except Exception as exc:  # one bad series must not stop the others
         outcome.error = f"{type(exc).__name__}: {exc}"
         log.error("series %s failed: %s", outcome.series_uid, outcome.error)
+
+
+def _load_outcomes(summary: Path) -> dict[str, dict]:
+    try:
+        return {o["series_uid"]: o for o in json.loads(summary.read_text())}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _finished(previous: dict | None) -> bool:
+    """A series a previous run wrote completely (its folder holds every output it reported)."""
+    if not previous or previous.get("error") or not previous.get("outputs") or not previous.get("output_dir"):
+        return False
+    folder = Path(previous["output_dir"])
+    return folder.is_dir() and sum(1 for p in folder.glob("*.dcm")) == previous["outputs"]
+
+
+def run_infer_cluster(in_dir: Path, out_dir: Path, engine, *, rules: RulesConfig | None = None,
+                      select_all: bool = False, timeout: float = 3600.0, progress=None) -> list[SeriesOutcome]:
+    """Archive mode: every selected series under `in_dir` through `engine` (a started
+    `dicomnode.cluster.RayEngine`), `engine.capacity` series at a time.
+
+    Restartable: infer.json is rewritten after every series, and a series that a previous run
+    finished (its folder has every output it reported) is skipped. A series is written to
+    OUT_DIR/.partial/ and moved into place only when complete, so an interrupted run leaves no
+    half series where a finished one would be."""
+    import shutil
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dicomnode.process import ProcessRequest
+
+    groups, bad = group_series([in_dir])
+    for path, why in bad:
+        log.warning("skipping unreadable file %s: %s", path, why)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "infer.json"
+    previous = _load_outcomes(summary)
+    partial = out_dir / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run: never acknowledged as done
+    outcomes: list[SeriesOutcome] = []
+    todo: list[tuple[SeriesOutcome, list[Dataset]]] = []
+    for uid, headers in groups.items():
+        if select_all:
+            selected, reason = True, "--all"
+        else:
+            decision = evaluate(rules or RulesConfig(), uid, headers)
+            selected, reason = decision.matched, decision.reason
+        outcome = SeriesOutcome(uid, len(headers), selected, reason)
+        outcomes.append(outcome)
+        if selected and _finished(previous.get(uid)):
+            old = previous[uid]
+            outcome.output_dir, outcome.outputs, outcome.timings = old["output_dir"], old["outputs"], old["timings"]
+            outcome.reason = f"{reason}; done by an earlier run"
+        elif selected:
+            todo.append((outcome, headers))
+    lock = threading.Lock()
+    task = progress.add_task("series", total=len(todo)) if progress is not None else None
+
+    def save() -> None:
+        tmp = summary.with_name(".infer.json.tmp")
+        tmp.write_text(json.dumps([o.__dict__ for o in outcomes], indent=2) + "\n")
+        tmp.replace(summary)
+
+    def one(k: int, outcome: SeriesOutcome, headers: list[Dataset]) -> None:
+        staging = partial / f"{k:06d}"
+        try:
+            staging.mkdir(parents=True)
+            paths = tuple(str(h.filename) for h in headers)
+            result = engine.run(ProcessRequest(k, str(headers[0].StudyInstanceUID), outcome.series_uid, paths,
+                                               str(staging)), timeout=timeout)
+            first = dcmread(next(staging.glob("*.dcm")), stop_before_pixels=True)
+            target = out_dir / check_uid(first.SeriesInstanceUID, "output Series Instance UID")
+            shutil.rmtree(target, ignore_errors=True)  # a stale copy (never reported done) is replaced whole
+            staging.replace(target)
+            outcome.output_dir, outcome.outputs = str(target), result["outputs"]
+            outcome.timings = {k: round(v, 4) for k, v in result["timings"].items()}
+        except Exception as exc:  # one bad series must not stop the others
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            log.error("series %s failed: %s", outcome.series_uid, outcome.error)
+        with lock:
+            save()
+            if progress is not None:
+                progress.advance(task)
+
+    save()
+    with ThreadPoolExecutor(max(1, engine.capacity)) as pool:
+        list(pool.map(lambda a: one(*a), [(k, o, h) for k, (o, h) in enumerate(todo)]))
+    shutil.rmtree(partial, ignore_errors=True)
+    save()
+    return outcomes

@@ -6,7 +6,6 @@ docs/reliability.md)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -19,40 +18,20 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import MRImageStorage, SecondaryCaptureImageStorage
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage
 
 from dicomnode.journal import ACTIVE_STATES, JobState, Journal
 
 from conftest import free_port
 from dicomfactory import make_series
-from nodehelpers import make_raw_config, write_toml
+from nodehelpers import Sink, make_raw_config, write_toml
 from tinymodel import TINY_INFERENCE, make_tiny_model
 
 pytestmark = pytest.mark.integration
 
 LONG = os.environ.get("DICOMNODE_RELIABILITY") == "long"
 SERIES, KILLS = (10, 20) if LONG else (4, 6)
-
-
-class Sink:
-    """The PACS: records every arrival (SOP UID, series UID, pixel hash), duplicates included."""
-
-    def __init__(self):
-        self.arrivals: list[tuple[str, str, str]] = []
-        self.lock = threading.Lock()
-        ae = AE(ae_title="PACS")
-        ae.add_supported_context(SecondaryCaptureImageStorage)
-        self.port = free_port()
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
-
-    def on_store(self, event) -> int:
-        ds = event.dataset
-        with self.lock:
-            self.arrivals.append((str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
-                                  hashlib.sha256(ds.PixelData).hexdigest()))
-        return 0
 
 
 class Serve:
