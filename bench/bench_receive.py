@@ -41,6 +41,9 @@ from nodehelpers import make_config  # noqa: E402
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 RECEIVERS = ("storescp", "pynetdicom", "orthanc", "dicomnode")
+# An experiment, not a mode of the node (docs/benchmarks.md): dicomnode plus a second, receive-only
+# process listening on the same port (SO_REUSEPORT) and sharing the spool and the WAL journal.
+EXPERIMENTS = ("dicomnode-2proc",)
 # DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1; with it on, every C-STORE waits ~40 ms
 # for a delayed ACK on loopback, which would make the comparison about TCP, not about storage.
 os.environ.setdefault("TCP_NODELAY", "1")
@@ -60,6 +63,42 @@ BARE_SCP = textwrap.dedent("""
         return 0x0000
     ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, on_store)])
 """)
+
+
+RECEIVE_ONLY = textwrap.dedent("""
+    import sys, time
+    sys.path[:0] = sys.argv[3:]
+    import bench_receive
+    bench_receive.reuse_port()
+    from dicomnode.config import config_from_dict
+    from dicomnode.journal import Journal
+    from dicomnode.receive import StoreSCP
+    from dicomnode.spool import Spool
+    cfg = config_from_dict({"node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": int(sys.argv[1]),
+                                     "storage_dir": sys.argv[2], "min_free_disk_mb": 1}})
+    scp = StoreSCP(cfg, Spool(cfg.node.storage_dir), Journal(cfg.journal_path))
+    scp.start()
+    while True:
+        time.sleep(3600)
+""")
+
+
+def reuse_port() -> None:
+    """Let several processes listen on one port (the kernel spreads connections over them)."""
+    import socket as so
+
+    from dicomnode.listener import GuardedAssociationServer
+
+    bind = GuardedAssociationServer.server_bind
+    if getattr(bind, "reuse_port", False):
+        return
+
+    def server_bind(self):
+        self.socket.setsockopt(so.SOL_SOCKET, so.SO_REUSEPORT, 1)
+        bind(self)
+
+    server_bind.reuse_port = True
+    GuardedAssociationServer.server_bind = server_bind
 
 
 def free_port() -> int:
@@ -135,12 +174,24 @@ def orthanc_version() -> str:
 
 def run_one(name: str, folders: list[Path], work: Path) -> float:
     work.mkdir(parents=True)
-    if name == "dicomnode":
+    if name.startswith("dicomnode"):
         port = free_port()
         cfg = make_config(work / "node", port, series={"quiet_seconds": 3600.0},  # as served: metrics on
                           metrics={"enabled": True, "port": free_port()}, inference={"model": "none"})
-        with Node(cfg):
-            return send(port, folders)
+        with Node(cfg) as node:
+            if name == "dicomnode":
+                return send(port, folders)
+            helper = subprocess.Popen([sys.executable, "-c", RECEIVE_ONLY, str(port), str(cfg.node.storage_dir),
+                                       str(Path(__file__).resolve().parent), *sys.path[:2]])
+            try:
+                time.sleep(3.0)  # both listening before the first connection
+                t = send(port, folders)
+            finally:
+                helper.terminate()
+                helper.wait()
+            expected = sum(1 for f in folders for _ in f.iterdir())
+            assert node.journal.instance_count() == expected, "an acknowledged instance is missing from the journal"
+            return t
     if name == "storescp":
         (work / "out").mkdir()
         recv = Subprocess(lambda p: [STORESCP, "-od", str(work / "out"), str(p)], work)
@@ -170,9 +221,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
     ap.add_argument("--senders", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
+    ap.add_argument("--only", nargs="+", choices=RECEIVERS + EXPERIMENTS, default=list(RECEIVERS))
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    if "dicomnode-2proc" in args.only:
+        reuse_port()
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     rows = []
     try:
@@ -191,7 +244,7 @@ def main() -> None:
                 print(f"\n{size}x{size}, {senders} association(s) at once, {mb:.0f} MB")
                 for name, t in med.items():
                     ratio = f"{t / med['orthanc']:5.2f}x Orthanc's time" if "orthanc" in med else ""
-                    print(f"  {name:<11} {t:6.2f} s  {args.n / t:7.1f} inst/s  {mb / t:6.1f} MB/s  {ratio}"
+                    print(f"  {name:<16} {t:6.2f} s  {args.n / t:7.1f} inst/s  {mb / t:6.1f} MB/s  {ratio}"
                           f"   (rounds: {', '.join(f'{x:.2f}' for x in times[name])})")
                     rows.append({"size": size, "senders": senders, "receiver": name, "seconds": t,
                                  "rounds": times[name], "instances": args.n, "mb": mb})

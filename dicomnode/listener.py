@@ -16,9 +16,10 @@ This server instead:
   7,600 transfer syntax UIDs (pynetdicom deep-copies them: ~30 ms of CPU per association);
 - paces pynetdicom's polling: its DUL thread sleeps `_run_loop_delay` (1 ms) whenever the socket
   has nothing, and a C-STORE exchange passes that sleep twice (the response going out, the next
-  request coming in), which is most of pynetdicom's own per-instance time. While PDUs flow on an
-  association its DUL polls every POLL_ACTIVE instead; POLL_IDLE (pynetdicom's 1 ms) returns once
-  it has been quiet for ACTIVE_WINDOW, so idle associations cost no more CPU than before.
+  request coming in), which is most of pynetdicom's own per-instance time. While a single
+  association transfers, its DUL polls every POLL_ACTIVE instead; with several at once the delay
+  grows back towards POLL_IDLE (see `pace`), and an association quiet for ACTIVE_WINDOW returns to
+  POLL_IDLE (pynetdicom's 1 ms), so idle associations cost no more CPU than before.
 """
 
 from __future__ import annotations
@@ -100,14 +101,21 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             self.pace()
 
     def pace(self) -> None:
-        """Fast DUL polling for associations that received a PDU within ACTIVE_WINDOW, the default
-        for the others (pynetdicom restarts the DUL's idle timer on every PDU it reads)."""
-        for _, assoc in self._live():
-            if assoc is None:
-                continue
+        """Set each association's DUL polling delay. An association that received a PDU within
+        ACTIVE_WINDOW (pynetdicom restarts the DUL's idle timer on every PDU) is transferring.
+        One transfer alone is bound by polling latency: POLL_ACTIVE. Several at once are bound by
+        the GIL, and every early wake-up takes it from a thread with work: the delay grows with
+        the square of their number up to POLL_IDLE (bench/bench_receive.py; docs/benchmarks.md).
+        Idle associations poll at POLL_IDLE, pynetdicom's own default."""
+        live = [a for _, a in self._live() if a is not None]
+        active = []
+        for assoc in live:
             timer = assoc.dul._idle_timer
-            quiet_for = (timer.timeout or 0.0) - timer.remaining
-            assoc.dul._run_loop_delay = POLL_ACTIVE if quiet_for < ACTIVE_WINDOW else POLL_IDLE
+            if (timer.timeout or 0.0) - timer.remaining < ACTIVE_WINDOW:
+                active.append(assoc)
+        fast = min(POLL_IDLE, POLL_ACTIVE * len(active) ** 2)
+        for assoc in live:
+            assoc.dul._run_loop_delay = fast if assoc in active else POLL_IDLE
 
     # -- bookkeeping -------------------------------------------------------------------------
     def track(self, client_address: tuple, assoc) -> None:

@@ -55,3 +55,30 @@ def test_serve_exits_nonzero_on_bad_config(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--config", str(p)])
     assert result.exit_code == 2
     assert "nodes: unknown key" in result.output
+
+
+def test_the_node_and_its_cli_never_import_ray(tmp_path):
+    """Without the extra (`dicomnode[ray]`) nothing changes: the local backend imports no Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dicomnode.cli, dicomnode.node, dicomnode.process, dicomnode.config as c; "
+            "from dicomnode.node import Node; from dicomnode.config import config_from_dict; "
+            f"Node(config_from_dict({{'node': {{'storage_dir': {str(tmp_path)!r}}}, 'metrics': {{'enabled': False}}}}));"
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_ray_backend_without_ray_installed_is_a_config_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dicomnode.config import config_from_dict
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    cfg = config_from_dict({"node": {"storage_dir": str(tmp_path)}, "inference": {"backend": "ray"}})
+    with pytest.raises(ConfigError, match=r"\[inference\]\.backend: 'ray' needs Ray.*dicomnode\[ray\]"):
+        cfg.check_runtime()
+    with pytest.raises(ConfigError, match="ray_actors"):
+        config_from_dict({"inference": {"backend": "ray", "ray_actors": 0}})

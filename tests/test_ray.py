@@ -1,11 +1,16 @@
-"""The Ray backend on a real one-machine Ray (started by the node, on loopback, with a fixed CPU
-count) and the tiny random-weights model: the same outputs as the local backend, a worker killed
-mid-job still gives exactly one result series, and the restartable archive mode."""
+"""The Ray backend on a real one-machine Ray (started by the node, with a fixed CPU count) and the
+tiny random-weights model: the same outputs as the local backend, a worker killed mid-job still
+gives exactly one result series, and the restartable archive mode.
+
+Ray 2.60 maps 127.0.0.1 to the machine's address and listens on every interface, so these tests
+run in a private network namespace that has only loopback (`unshare -n`, as root): the first
+test below re-runs this module there, and the others run only inside it."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +31,26 @@ from tinymodel import TINY_INFERENCE, make_tiny_model
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
+IN_PRIVATE_NETWORK = os.environ.get("DICOMNODE_TEST_NETNS") == "1"
+inside = pytest.mark.skipif(not IN_PRIVATE_NETWORK, reason="runs inside the loopback-only network namespace "
+                            "(test_ray_tests_in_a_loopback_only_network)")
+
+
+def test_ray_tests_in_a_loopback_only_network():
+    """Re-run this module where the only interface is loopback, so Ray cannot listen elsewhere."""
+    import shutil
+
+    if IN_PRIVATE_NETWORK:
+        pytest.skip("this is the run inside the namespace")
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if os.geteuid() != 0 or not unshare or not ip:
+        pytest.skip("needs root, unshare (util-linux) and ip (iproute2) for a private network namespace")
+    inner = f"ip link set lo up && DICOMNODE_TEST_NETNS=1 exec {sys.executable} -m pytest -q -p no:cacheprovider {__file__}"
+    proc = subprocess.run([unshare, "-n", "sh", "-c", inner], capture_output=True, text=True, timeout=1200,
+                          cwd=Path(__file__).resolve().parents[1])
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert re.search(r"^3 passed", proc.stdout, re.M), tail  # all three ran (none skipped) inside
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +77,7 @@ def outputs(node: Node) -> dict[str, str]:
     return found
 
 
+@inside
 def test_ray_backend_makes_the_same_series_as_the_local_one(tmp_path, tiny):
     files = make_series(tmp_path / "in", slices=8, rows=64, cols=64, seed=3)
     results = {}
@@ -71,6 +97,7 @@ def test_ray_backend_makes_the_same_series_as_the_local_one(tmp_path, tiny):
     assert results["ray"] == results["local"]  # same UIDs, same pixels
 
 
+@inside
 def test_a_worker_killed_mid_job_still_delivers_one_result_series(tmp_path, tiny):
     sink = Sink()
     port = free_port()
@@ -101,6 +128,7 @@ def test_a_worker_killed_mid_job_still_delivers_one_result_series(tmp_path, tiny
     assert all(len(p) == 1 for p in by_sop.values())  # a re-sent instance is the same instance
 
 
+@inside
 def test_archive_mode_on_ray_is_restartable(tmp_path, tiny):
     for k in range(3):
         make_series(tmp_path / "in" / f"s{k}", slices=8, rows=48, cols=48, seed=10 + k)

@@ -201,3 +201,34 @@ def test_uptake_weighted_l1_weights_hot_pixels_that_much_more():
     assert uptake_weighted_l1(pred, real, mr, 1.0).item() == pytest.approx(plain.item())
     with pytest.raises(ValueError):
         uptake_weighted_l1(pred, real, mr, 0.0)
+
+
+def test_mse_reconstruction_is_the_weighted_mean_square_and_l1_stays_the_default():
+    from training.pix2pix import reconstruction_loss
+
+    mr = -torch.ones(1, 1, 4, 4)
+    real = -torch.ones(1, 3, 4, 4)
+    fake = real.clone()
+    fake[..., 1, 1] += 0.5
+    assert reconstruction_loss(fake, real, mr).item() == pytest.approx(0.5 / 16)             # l1
+    assert reconstruction_loss(fake, real, mr, "mse").item() == pytest.approx(0.25 / 16)     # mean square
+    real_hot = real.clone()
+    real_hot[..., 1, 1] = 1.0                                   # the erring pixel is white: u = 1
+    fake_hot = real_hot.clone()
+    fake_hot[..., 1, 1] -= 0.5
+    assert reconstruction_loss(fake_hot, real_hot, mr, "mse", 5.0).item() == pytest.approx(5 * 0.25 / (15 + 5))
+
+
+def test_pix2pix_records_its_loss_options_and_refuses_bad_ones(tmp_path):
+    from training import pix2pix
+
+    data = write_dataset(tmp_path / "data", n_patients=4, per_patient=2, size=32)
+    res = pix2pix.train(data, tmp_path / "p", preset="tiny", steps=2, batch_size=2, device="cpu", quiet=True,
+                        sample_every=100, recon="mse", gan_weight=0.0, uptake_weight=3.0)
+    state = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=False)
+    assert (state["recon"], state["gan_weight"], state["uptake_weight"]) == ("mse", 0.0, 3.0)
+    assert (res["recon"], res["gan_weight"]) == ("mse", 0.0)
+    with pytest.raises(ValueError, match="recon"):
+        pix2pix.train(data, tmp_path / "q", preset="tiny", steps=1, device="cpu", quiet=True, recon="l2")
+    with pytest.raises(ValueError, match="gan weight"):
+        pix2pix.train(data, tmp_path / "q", preset="tiny", steps=1, device="cpu", quiet=True, gan_weight=-1)

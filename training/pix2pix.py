@@ -31,6 +31,8 @@ from training.trainutil import (
     uptake_weighted_l1,
 )
 
+RECON_LOSSES = ("l1", "mse")
+
 FIELDS = ["step", "epoch", "lr", "loss_d", "loss_g_gan", "loss_l1", "seconds"]
 
 
@@ -39,10 +41,14 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
           seed: int = 0, device: str = "auto", amp: bool = True, resume: bool = False,
           threads: int | None = None, log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250,
           limit: int | None = None, quiet: bool = False, stop_after: int | None = None,
-          lesion_weight: float = 1.0, uptake_weight: float = 1.0) -> dict:
+          lesion_weight: float = 1.0, uptake_weight: float = 1.0, recon: str = "l1", gan_weight: float = 1.0) -> dict:
     """Train (or resume) a Pix2Pix generator; returns a summary with the final losses."""
     if threads:
         torch.set_num_threads(threads)
+    if recon not in RECON_LOSSES:
+        raise ValueError(f"recon must be one of {', '.join(RECON_LOSSES)}, got {recon!r}")
+    if gan_weight < 0:
+        raise ValueError(f"gan weight must be >= 0, got {gan_weight}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seed_all(seed)
@@ -93,8 +99,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
             with autocast(dev, amp):
                 p_fake = D(mr, fake)
                 loss_gan = F.mse_loss(p_fake.float(), torch.ones_like(p_fake, dtype=torch.float32))
-                loss_l1 = uptake_weighted_l1(fake, real, mr, uptake_weight)
-                loss_g = loss_gan + lambda_l1 * loss_l1
+                loss_l1 = reconstruction_loss(fake, real, mr, recon, uptake_weight)
+                loss_g = gan_weight * loss_gan + lambda_l1 * loss_l1
             opt_g.zero_grad(set_to_none=True)
             scaler.scale(loss_g).backward()
             scaler.step(opt_g)
@@ -113,7 +119,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                                        "sched": [s.state_dict() for s in sched], "scaler": scaler.state_dict(),
                                        "rng": torch.get_rng_state(), "seed": seed,
                                        "data": str(data), "train_pairs": len(train_set), "batch_size": batch_size,
-                                       "lesion_weight": lesion_weight, "uptake_weight": uptake_weight})
+                                       "lesion_weight": lesion_weight, "uptake_weight": uptake_weight,
+                                       "recon": recon, "gan_weight": gan_weight})
             if step % sample_every == 0 or step == steps:
                 sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
                 G.train()
@@ -125,7 +132,19 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
         sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
     plots.loss_curves(out / "log.csv", out / "loss.png", ["loss_l1", "loss_d", "loss_g_gan"], title="Pix2Pix losses")
     return {"steps": step, "train_pairs": len(train_set), "epochs": round(step / per_epoch, 2), **last,
-            "lesion_weight": lesion_weight, "uptake_weight": uptake_weight, "checkpoint": str(ckpt)}
+            "lesion_weight": lesion_weight, "uptake_weight": uptake_weight, "recon": recon, "gan_weight": gan_weight,
+            "checkpoint": str(ckpt)}
+
+
+def reconstruction_loss(fake: torch.Tensor, real: torch.Tensor, mr: torch.Tensor, kind: str = "l1",
+                        uptake_weight: float = 1.0) -> torch.Tensor:
+    """The pixel term next to the adversarial one. "l1" (Pix2Pix) pulls each pixel to the median of
+    what the MR allows; "mse" pulls it to the mean, which is what the MR-only bound is (and the
+    hidden uptake's mean sits above its median). Both with the same uptake weighting."""
+    if kind == "mse":
+        return uptake_weighted_l1((fake.float() - real.float()) ** 2, torch.zeros_like(real, dtype=torch.float32),
+                                  mr, uptake_weight, weights_from=real)
+    return uptake_weighted_l1(fake, real, mr, uptake_weight)
 
 
 @torch.no_grad()
@@ -190,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, help="use at most this many training pairs")
     ap.add_argument("--lesion-weight", type=float, default=1.0,
                     help="draw pairs of studies with a lesion this many times as often (pairs.csv lesion=1)")
+    ap.add_argument("--recon", choices=RECON_LOSSES, default="l1", help="pixel loss: l1 (paper) or mse")
+    ap.add_argument("--gan-weight", type=float, default=1.0, help="weight of the LSGAN term (paper: 1; 0: none)")
     ap.add_argument("--uptake-weight", type=float, default=1.0,
                     help="weight of the hottest pixels in the L1 term, 1 + (W-1) u^2 with u the PET share (1: plain L1)")
     a = ap.parse_args(argv)
@@ -197,6 +218,6 @@ def main(argv=None) -> int:
                 lambda_l1=a.lambda_l1, decay_start=a.decay_start, seed=a.seed, device=a.device, amp=not a.no_amp,
                 resume=a.resume, stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
                 limit=a.limit, lesion_weight=a.lesion_weight,
-                uptake_weight=a.uptake_weight)
+                uptake_weight=a.uptake_weight, recon=a.recon, gan_weight=a.gan_weight)
     print(json.dumps(res))
     return 0

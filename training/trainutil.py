@@ -129,18 +129,20 @@ def uptake_map(mr: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
     return ((rgb.mean(1, keepdim=True) - 0.5 * grey) / 0.5).clamp(0.0, 1.0)
 
 
-def uptake_weighted_l1(pred: torch.Tensor, real: torch.Tensor, mr: torch.Tensor, weight: float) -> torch.Tensor:
+def uptake_weighted_l1(pred: torch.Tensor, real: torch.Tensor, mr: torch.Tensor, weight: float,
+                       weights_from: torch.Tensor | None = None) -> torch.Tensor:
     """L1 with each pixel weighted 1 + (weight - 1) * u^2, u = `uptake_map` of the real fusion, and
     normalised by the weights' sum (so weight 1 is plain L1). Squaring keeps the wide, faint marrow
     uptake (u ~ 0.2) near 1 and puts the weight on hot spots: an infected disc, myocardium, bladder.
     Why: under L1 a rare hot pixel the MR cannot fully explain is predicted at the median, and the
-    lesion is under-shown; weighting the hot pixels moves the estimate up there."""
+    lesion is under-shown; weighting the hot pixels moves the estimate up there. `weights_from`:
+    take u from this fusion instead of `real` (for a loss already reduced to a per-pixel error)."""
     if weight <= 0:
         raise ValueError(f"uptake weight must be positive, got {weight}")
     err = (pred.float() - real.float()).abs()
     if weight == 1.0:
         return err.mean()
-    w = 1.0 + (weight - 1.0) * uptake_map(mr, real) ** 2
+    w = 1.0 + (weight - 1.0) * uptake_map(mr, real if weights_from is None else weights_from) ** 2
     return (err * w).sum() / (w.sum() * err.shape[1])
 
 
