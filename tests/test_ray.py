@@ -50,7 +50,7 @@ def test_ray_tests_in_a_loopback_only_network():
                           cwd=Path(__file__).resolve().parents[1])
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    assert re.search(r"^3 passed", proc.stdout, re.M), tail  # all three ran (none skipped) inside
+    assert re.search(r"^4 passed", proc.stdout, re.M), tail  # all of them ran (none skipped) inside
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +155,49 @@ def test_archive_mode_on_ray_is_restartable(tmp_path, tiny):
     assert len(list(victim.glob("*.dcm"))) == 8
     untouched = {p: p.stat().st_mtime_ns for f in folders[1:] for p in f.glob("*.dcm")}
     assert untouched == {p: t for p, t in stamp.items() if p.parent != victim}
+
+
+@inside
+def test_an_unreachable_cluster_keeps_jobs_waiting_and_readyz_false(tmp_path, tiny):
+    """`serve` with a cluster address nobody answers: the node receives and selects, /readyz says
+    why it is not ready, the job stays 'selected' (never failed, no attempt counted), and SIGTERM
+    still stops the node while Ray keeps trying to connect."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from dicomnode.journal import Journal
+
+    from conftest import wait_for_node
+    from nodehelpers import write_toml
+
+    port, metrics_port = free_port(), free_port()
+    raw = node_config(tmp_path, port, tiny, "ray", ray_address=f"127.0.0.1:{free_port()}")
+    raw["metrics"] = {"enabled": True, "port": metrics_port}
+    toml = write_toml(tmp_path / "node.toml", raw)
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(toml)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_node(proc, port)
+        send(port, make_series(tmp_path / "in", slices=8, rows=48, cols=48, seed=21))
+
+        def readyz():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=5) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        journal = Journal(tmp_path / "store" / "journal.sqlite")
+        assert wait_for(lambda: journal.state_counts()[JobState.SELECTED] == 1, 30), journal.jobs()
+        time.sleep(2.0)  # several worker ticks: still waiting, not failed
+        (job,) = journal.jobs()
+        assert job.state == JobState.SELECTED and job.attempts == 0
+        status, body = readyz()
+        assert status == 503 and not body["checks"]["model"]["ok"]
+        assert "Ray cluster 127.0.0.1:" in body["checks"]["model"]["detail"]
+        proc.terminate()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
