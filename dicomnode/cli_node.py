@@ -414,7 +414,10 @@ def config_check(config: Path = CONFIG_OPT) -> None:
             version = load_model(model_dir, "cpu").version  # card, checksums and architecture
         except ModelError as exc:
             raise fail(f"config error: {cfg.source}: [inference].model: {exc}", 2) from None
-        model = f"{version} ({model_dir}) on {device}"
+        inf = cfg.inference
+        model = f"{version} ({model_dir}) on {device}" if inf.backend == "local" else (
+            f"{version} ({model_dir}) on {inf.ray_actors} Ray actor(s) at {inf.ray_address} "
+            "(the cluster is not contacted by this check)")
     else:
         model = "none (receive, select and dispatch only)"
     for warning in warnings:
