@@ -82,14 +82,12 @@ def group_series(in_paths: Sequence[Path]) -> tuple[dict[str, list[Dataset]], li
     return read_headers(collect_files(in_paths))
 
 
-def run_infer(in_dir: Path, out_dir: Path, synthesizer, *, rules: RulesConfig | None = None,
-              select_all: bool = False, png: bool = False, progress=None) -> list[SeriesOutcome]:
-    """Run the pipeline on every series under `in_dir`; failures are recorded, never raised."""
+def decide(in_dir: Path, rules: RulesConfig | None, select_all: bool) -> tuple[list[SeriesOutcome], dict]:
+    """Every series under `in_dir` with the rules' decision (or "--all"), and the headers by series."""
     groups, bad = group_series([in_dir])
     for path, why in bad:
         log.warning("skipping unreadable file %s: %s", path, why)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outcomes: list[SeriesOutcome] = []
+    outcomes = []
     for uid, headers in groups.items():
         if select_all:
             selected, reason = True, "--all"
@@ -97,6 +95,14 @@ def run_infer(in_dir: Path, out_dir: Path, synthesizer, *, rules: RulesConfig | 
             decision = evaluate(rules or RulesConfig(), uid, headers)
             selected, reason = decision.matched, decision.reason
         outcomes.append(SeriesOutcome(uid, len(headers), selected, reason))
+    return outcomes, groups
+
+
+def run_infer(in_dir: Path, out_dir: Path, synthesizer, *, rules: RulesConfig | None = None,
+              select_all: bool = False, png: bool = False, progress=None) -> list[SeriesOutcome]:
+    """Run the pipeline on every series under `in_dir`; failures are recorded, never raised."""
+    outcomes, groups = decide(in_dir, rules, select_all)
+    out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(o.slices for o in outcomes if o.selected)
     task = progress.add_task("slices", total=total) if progress is not None else None
     done = 0
@@ -164,30 +170,20 @@ def run_infer_cluster(in_dir: Path, out_dir: Path, engine, *, rules: RulesConfig
 
     from dicomnode.process import ProcessRequest
 
-    groups, bad = group_series([in_dir])
-    for path, why in bad:
-        log.warning("skipping unreadable file %s: %s", path, why)
+    outcomes, groups = decide(in_dir, rules, select_all)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "infer.json"
     previous = _load_outcomes(summary)
     partial = out_dir / ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run: never acknowledged as done
-    outcomes: list[SeriesOutcome] = []
     todo: list[tuple[SeriesOutcome, list[Dataset]]] = []
-    for uid, headers in groups.items():
-        if select_all:
-            selected, reason = True, "--all"
-        else:
-            decision = evaluate(rules or RulesConfig(), uid, headers)
-            selected, reason = decision.matched, decision.reason
-        outcome = SeriesOutcome(uid, len(headers), selected, reason)
-        outcomes.append(outcome)
-        if selected and _finished(previous.get(uid)):
-            old = previous[uid]
+    for outcome in outcomes:
+        old = previous.get(outcome.series_uid)
+        if outcome.selected and _finished(old):
             outcome.output_dir, outcome.outputs, outcome.timings = old["output_dir"], old["outputs"], old["timings"]
-            outcome.reason = f"{reason}; done by an earlier run"
-        elif selected:
-            todo.append((outcome, headers))
+            outcome.reason = f"{outcome.reason}; done by an earlier run"
+        elif outcome.selected:
+            todo.append((outcome, groups[outcome.series_uid]))
     lock = threading.Lock()
     task = progress.add_task("series", total=len(todo)) if progress is not None else None
 
