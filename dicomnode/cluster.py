@@ -170,7 +170,7 @@ class RayEngine:
     def _init_ray(self, ray) -> None:
         inf = self.inference
         common = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-        if inf.ray_address == "local":  # one machine: a private Ray on loopback, sized for the actors
+        if inf.ray_address == "local":  # one machine, sized for the actors (Ray listens on every interface: README)
             cpus = max(1, int(round(inf.ray_actors * inf.ray_cpus_per_actor + 0.4999)))
             ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
             self._started_ray = True
