@@ -120,8 +120,9 @@ def test_a_worker_killed_mid_job_still_delivers_one_result_series(tmp_path, tiny
             # restart the actor and ran it there (attempts 0). Either way a new worker did the job.
             assert job.attempts in (0, 1)
             assert ray.get(node.engine._actors[0].info.remote())["pid"] != worker_pid
-            assert any(e["kind"] == "selected" and "Ray actor died" in (e["detail"] or "")
-                       for e in node.journal.events(job.id)) or "Ray actor died" in (job.error or "")
+            if job.attempts == 1:  # the retry names the crash
+                assert any("Ray actor" in (e["detail"] or "") for e in node.journal.events(job.id)) \
+                    or "Ray actor" in (job.error or "")
     finally:
         sink.server.shutdown()
     series = {s for _, s, _ in sink.arrivals}
