@@ -21,7 +21,10 @@ on the model grid with the evaluation's metrics (dicomnode.tools.imagemetrics):
 - typical (with --draws): a plain guess for comparison, the noise-free PET of the exact anatomy
   with every hidden value at its prior median;
 - model (with --model DIR): the model's own output for the re-simulated MR, prepared as the data
-  set is, with the card's sampler.
+  set is, with the card's sampler; pix2pix: its Pix2Pix output alone. With K > 1 samples, the
+  K-sample SD map is checked against where the MR hides the uptake (lesion and myocardium):
+  `model_sd_error_corr` (per slice, SD against absolute error), `model_sd_hidden` and
+  `model_sd_elsewhere` (mean SD inside and outside those pixels).
 
 For studies with a lesion, each prediction is also scored inside the lesion mask (on the grid):
 `*_lesion_psnr`, and `*_lesion_bias`, the mean signed error there (negative: less uptake shown
@@ -38,6 +41,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +49,7 @@ import torch
 from scipy import ndimage
 
 from dicomnode.infer.grid import GridPlacement, normalize_series
-from dicomnode.infer.model import load_model
+from dicomnode.infer.model import load_model, read_card, write_card
 from dicomnode.tools import imagemetrics
 from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
 from dicomnode.tools.phantom.fusion import render_fusion
@@ -108,13 +112,40 @@ def mmse_fusion(spec, sim, place: GridPlacement, window, draws: int) -> tuple[to
     return mean.float(), var.clamp_min(0).mean(dim=(1, 2, 3)) / draws
 
 
-def model_fusion(model, sim, place: GridPlacement, seed: int, batch_size: int = 4) -> torch.Tensor:
-    """The model's fusion of the simulated MR on the grid, in [0, 1], prepared as the data set is."""
+def model_fusion(model, sim, place: GridPlacement, seed: int, batch_size: int = 4):
+    """The model's fusion of the simulated MR on the grid, in [0, 1], prepared as the data set is;
+    also its Pix2Pix output alone and the per-pixel SD over the card's K samples (None if K = 1)."""
     mr = normalize_series(sim.mr)
     batch = torch.from_numpy(np.stack([place.to_grid(s) for s in mr])[:, None])
-    out = [model.translate(batch[i:i + batch_size], seed=seed + i).rgb.float()
-           for i in range(0, len(batch), batch_size)]
-    return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+    out = [model.translate(batch[i:i + batch_size], seed=seed + i) for i in range(0, len(batch), batch_size)]
+    unit = lambda t: ((t.float() + 1) / 2).clamp(0, 1)  # noqa: E731
+    sd = None if out[0].sd is None else torch.cat([o.sd.float() / 2 for o in out])  # SD in [0, 1] units
+    return unit(torch.cat([o.rgb for o in out])), unit(torch.cat([o.pix2pix for o in out])), sd
+
+
+def hidden_uptake_mask(spec, sim, place: GridPlacement) -> torch.Tensor:
+    """Where the MR hides the uptake, on the grid: the lesion mask and the myocardium (the pixels
+    whose SUV moves when only the myocardial SUV is changed)."""
+    sc = scene(spec)
+    hot = paint_case(dataclasses.replace(sc.anatomy, heart_suv=sc.anatomy.heart_suv + 5.0), sc.grid, spec.weighting,
+                     sc.lesion, sc.modic, copy.deepcopy(sc.rng))
+    base = paint_case(sc.anatomy, sc.grid, spec.weighting, sc.lesion, sc.modic, copy.deepcopy(sc.rng))
+    m = (np.abs(hot.suv - base.suv) > 0.5) | base.lesion_mask
+    return torch.from_numpy(np.stack([place.to_grid(k.astype(np.float32), fill=0.0) > 0.5 for k in m]))
+
+
+def sd_scores(real: torch.Tensor, pred: torch.Tensor, sd: torch.Tensor, hidden: torch.Tensor) -> dict[str, list[float]]:
+    """Per slice: Pearson correlation of the K-sample SD with the absolute error (channel means),
+    and the mean SD inside the hidden-uptake mask and outside it (slices with >= 16 such pixels)."""
+    err, s = (pred - real).abs().mean(1).flatten(1).double(), sd.mean(1).flatten(1).double()
+    ec, sc_ = err - err.mean(1, keepdim=True), s - s.mean(1, keepdim=True)
+    corr = (ec * sc_).sum(1) / (ec.norm(dim=1) * sc_.norm(dim=1)).clamp_min(1e-12)
+    out = {"model_sd_error_corr": corr.tolist(), "model_sd_hidden": [], "model_sd_elsewhere": []}
+    for k, m in zip(s, hidden.flatten(1)):
+        if int(m.sum()) >= 16:
+            out["model_sd_hidden"].append(float(k[m].mean()))
+            out["model_sd_elsewhere"].append(float(k[~m].mean()))
+    return out
 
 
 def lesion_scores(real: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -149,8 +180,10 @@ def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
     real_t = fusion(sim.suv)
     preds = {name: fusion(suv) for name, suv in pets.items()}
     if model is not None:
-        preds["model"] = model_fusion(model, sim, place, seed=1000 * spec.case_index)
+        preds["model"], preds["pix2pix"], sd = model_fusion(model, sim, place, seed=1000 * spec.case_index)
     out = {}
+    if model is not None and sd is not None:
+        out.update(sd_scores(real_t, preds["model"], sd, hidden_uptake_mask(spec, sim, place)))
     for name, pred in preds.items():
         m = imagemetrics.all_metrics(real_t, pred)
         for key in ("psnr", "ssim", "mse"):
@@ -170,23 +203,63 @@ def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
     return out
 
 
+def uptake_shown(per_case: list[dict], name: str) -> float | None:
+    """1 - (mean signed error inside the lesions / that of no PET), pooled over the lesion studies
+    (each study's slice-mean weighted by its number of slices)."""
+    les = [c for c in per_case if c["lesion"] and f"{name}_lesion_bias" in c and "floor_lesion_bias" in c]
+    if not les:
+        return None
+    w = np.asarray([c["slices"] for c in les], float)
+    bias = np.asarray([c[f"{name}_lesion_bias"] for c in les]) @ w
+    return round(float(1 - bias / (np.asarray([c["floor_lesion_bias"] for c in les]) @ w)), 3)
+
+
+def cohort_summary(result: dict, command: str) -> dict:
+    """The card's `cohort` block: each prediction's mean PSNR/SSIM/MSE and lesion uptake shown; with
+    the bound, the lesion studies whose model error is below min(0, the bound's) - 0.03."""
+    names = [n for n in ("ceiling", "bound", "typical", "model", "pix2pix", "floor") if f"{n}_psnr" in result]
+    out = {"command": command, "studies": result["cases"], "slices": result["slices"],
+           "lesion_studies": sum(c["lesion"] for c in result["per_case"]), "metric_note": result["metric_note"]}
+    for n in names:
+        out[n] = {k: result[f"{n}_{k}"]["mean"] for k in ("psnr", "ssim", "mse")}
+        out[n]["uptake_shown"] = uptake_shown(result["per_case"], n)
+    if "bound" in names and "model" in names:
+        out["lesion_studies_under_showing"] = [
+            c["case"] for c in result["per_case"]
+            if c["lesion"] and c["model_lesion_bias"] < min(0.0, c["bound_lesion_bias"]) - 0.03]
+    if "model_sd_error_corr" in result:
+        out["sd_map"] = {"corr_with_abs_error": result["model_sd_error_corr"]["mean"],
+                         "mean_sd_hidden_uptake": result["model_sd_hidden"]["mean"],
+                         "mean_sd_elsewhere": result["model_sd_elsewhere"]["mean"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=100, help="as given to `dicomnode phantom --cases`")
     ap.add_argument("--seed", type=int, default=11, help="as given to `dicomnode phantom --seed`")
     ap.add_argument("--manifest", type=Path, help="data set manifest.json: score only the patients of --split")
     ap.add_argument("--split", default="test")
+    ap.add_argument("--lesion-only", action="store_true", help="score only the studies with a lesion")
+    ap.add_argument("--limit", type=int, help="score only the first N studies (after --split and --lesion-only)")
     ap.add_argument("--draws", type=int, default=0, help="re-paintings per study for the MR-only bound (0: skip it)")
     ap.add_argument("--model", type=Path, help="also score this model directory on the re-simulated studies")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--update-card", action="store_true", help="write the summary and this command into the "
+                    "model's model.json (`cohort`)")
     a = ap.parse_args()
+    if a.update_card and not a.model:
+        ap.error("--update-card needs --model")
     torch.set_num_threads(a.threads)
     model = load_model(a.model, torch.device("cpu")) if a.model else None
     specs = plan_cases(a.cases, a.seed)
     if a.manifest:
         keep = set(json.loads(a.manifest.read_text())["splits"][a.split])
         specs = [s for s in specs if s.patient_id in keep]
+    if a.lesion_only:
+        specs = [s for s in specs if s.lesion]
+    specs = specs[:a.limit] if a.limit else specs
     values: dict[str, list[float]] = {}
     per_case = []
     for spec in specs:
@@ -207,6 +280,15 @@ def main() -> None:
     print(text)
     if a.out:
         a.out.write_text(text + "\n")
+    if a.update_card:
+        card = read_card(a.model)
+        argv, skip = [], False  # the command that reproduces the block: no --update-card, no --out
+        for arg in sys.argv[1:]:
+            if not skip and arg not in ("--update-card", "--out") and not arg.startswith("--out="):
+                argv.append(arg)
+            skip = arg == "--out"
+        card["cohort"] = cohort_summary(result, " ".join(["python bench/bench_ceiling.py", *argv]))
+        write_card(a.model, card)
 
 
 if __name__ == "__main__":
