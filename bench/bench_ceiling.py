@@ -129,8 +129,7 @@ def hidden_uptake_mask(spec, sim, place: GridPlacement) -> torch.Tensor:
     sc = scene(spec)
     hot = paint_case(dataclasses.replace(sc.anatomy, heart_suv=sc.anatomy.heart_suv + 5.0), sc.grid, spec.weighting,
                      sc.lesion, sc.modic, copy.deepcopy(sc.rng))
-    base = paint_case(sc.anatomy, sc.grid, spec.weighting, sc.lesion, sc.modic, copy.deepcopy(sc.rng))
-    m = (np.abs(hot.suv - base.suv) > 0.5) | base.lesion_mask
+    m = (np.abs(hot.suv - sim.suv_true) > 0.5) | sim.lesion_mask
     return torch.from_numpy(np.stack([place.to_grid(k.astype(np.float32), fill=0.0) > 0.5 for k in m]))
 
 
