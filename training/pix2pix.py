@@ -9,6 +9,7 @@ OUT/samples_STEP.png (MR | real fusion | Pix2Pix on validation slices).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -41,8 +42,11 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
           seed: int = 0, device: str = "auto", amp: bool = True, resume: bool = False,
           threads: int | None = None, log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250,
           limit: int | None = None, quiet: bool = False, stop_after: int | None = None,
-          lesion_weight: float = 1.0, uptake_weight: float = 1.0, recon: str = "l1", gan_weight: float = 1.0) -> dict:
-    """Train (or resume) a Pix2Pix generator; returns a summary with the final losses."""
+          lesion_weight: float = 1.0, uptake_weight: float = 1.0, recon: str = "l1", gan_weight: float = 1.0,
+          snapshot_every: int | None = None) -> dict:
+    """Train (or resume) a Pix2Pix generator; returns a summary with the final losses.
+    `snapshot_every`: also keep OUT/snapshots/stepNNNNNN.pt every so many steps, to choose from
+    with `python -m training select` (the lesion output swings between checkpoints)."""
     if threads:
         torch.set_num_threads(threads)
     if recon not in RECON_LOSSES:
@@ -113,7 +117,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                 log.write(step=step, epoch=round(step / per_epoch, 3), lr=sched[0].get_last_lr()[0],
                           seconds=round(time.time() - t0, 1), **last)
             bar.update(task, completed=step, info=f"L1 {last['loss_l1']:.4f} D {last['loss_d']:.3f}")
-            if step % ckpt_every == 0 or step == end:
+            snapshot_now = bool(snapshot_every) and step % snapshot_every == 0 and step < steps
+            if step % ckpt_every == 0 or step == end or snapshot_now:
                 save_checkpoint(ckpt, {"step": step, "preset": preset, "G": G.state_dict(), "D": D.state_dict(),
                                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                                        "sched": [s.state_dict() for s in sched], "scaler": scaler.state_dict(),
@@ -121,6 +126,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                                        "data": str(data), "train_pairs": len(train_set), "batch_size": batch_size,
                                        "lesion_weight": lesion_weight, "uptake_weight": uptake_weight,
                                        "recon": recon, "gan_weight": gan_weight})
+            if snapshot_now:
+                _snapshot(ckpt, step)
             if step % sample_every == 0 or step == steps:
                 sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
                 G.train()
@@ -129,6 +136,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
         state = torch.load(ckpt, map_location=dev, weights_only=False)
         state.update(G=G.state_dict(), bn_recalibrated=True)
         save_checkpoint(ckpt, state)
+        if snapshot_every:
+            _snapshot(ckpt, step)
         sample_grid(G, val_set, out / f"samples_{step:06d}.png", dev)
     plots.loss_curves(out / "log.csv", out / "loss.png", ["loss_l1", "loss_d", "loss_g_gan"], title="Pix2Pix losses")
     return {"steps": step, "train_pairs": len(train_set), "epochs": round(step / per_epoch, 2), **last,
@@ -145,6 +154,14 @@ def reconstruction_loss(fake: torch.Tensor, real: torch.Tensor, mr: torch.Tensor
         return uptake_weighted_l1((fake.float() - real.float()) ** 2, torch.zeros_like(real, dtype=torch.float32),
                                   mr, uptake_weight, weights_from=real)
     return uptake_weighted_l1(fake, real, mr, uptake_weight)
+
+
+def _snapshot(ckpt: Path, step: int) -> Path:
+    """Copy the checkpoint just written to snapshots/stepNNNNNN.pt next to it."""
+    dest = ckpt.parent / "snapshots" / f"step{step:06d}.pt"
+    dest.parent.mkdir(exist_ok=True)
+    shutil.copyfile(ckpt, dest)
+    return dest
 
 
 @torch.no_grad()
@@ -206,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-after", type=int, help="stop at this step (continue later with --resume)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--sample-every", type=int, default=500)
+    ap.add_argument("--snapshot-every", type=int, help="keep OUT/snapshots/stepNNNNNN.pt this often (training select)")
     ap.add_argument("--limit", type=int, help="use at most this many training pairs")
     ap.add_argument("--lesion-weight", type=float, default=1.0,
                     help="draw pairs of studies with a lesion this many times as often (pairs.csv lesion=1)")
@@ -218,6 +236,7 @@ def main(argv=None) -> int:
                 lambda_l1=a.lambda_l1, decay_start=a.decay_start, seed=a.seed, device=a.device, amp=not a.no_amp,
                 resume=a.resume, stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
                 limit=a.limit, lesion_weight=a.lesion_weight,
-                uptake_weight=a.uptake_weight, recon=a.recon, gan_weight=a.gan_weight)
+                uptake_weight=a.uptake_weight, recon=a.recon, gan_weight=a.gan_weight,
+                snapshot_every=a.snapshot_every)
     print(json.dumps(res))
     return 0

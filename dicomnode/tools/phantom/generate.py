@@ -282,7 +282,8 @@ def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: flo
     for r in records:
         for key in ("mr", "pet", "fusion"):
             r[key] = [str(Path(p).relative_to(out)) for p in r[key]]
-    (out / "cases.json").write_text(json.dumps({"seed": seed, "lesion_fraction": lesion_fraction,
+    plan = dict(min_matrix=min_matrix, max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices)
+    (out / "cases.json").write_text(json.dumps({"seed": seed, "lesion_fraction": lesion_fraction, "plan": plan,
                                                 "cases": records}, indent=1))
     if preview and pics:
         contact_sheet(pics, out / "preview.png")
