@@ -24,7 +24,9 @@ as the end of training does; `--save-pick PATH` writes the pick with those stati
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,30 +110,32 @@ def predict(G, mr: torch.Tensor, dev, batch_size: int = 8, amp: bool = True) -> 
     return torch.cat(outs).clamp(-1, 1)
 
 
-def ready_generator(path: str | Path, train: Split | None, dev):
-    """(generator, checkpoint dict, recalibrated now): BatchNorm statistics recomputed on `train`
-    for a checkpoint saved mid-run, as the end of training does."""
+def ready_generator(path: str | Path, train_mr: Callable[[], torch.Tensor] | None, dev):
+    """(generator, checkpoint dict, recalibrated now): BatchNorm statistics recomputed on the
+    train slices `train_mr()` (loaded only when needed) for a checkpoint saved mid-run, as the end
+    of training does."""
     G, _, state = load_generator(path, dev)
-    recal = not state.get("bn_recalibrated", False) and train is not None
+    recal = not state.get("bn_recalibrated", False) and train_mr is not None
     if recal:
-        recalibrate_bn(G, train.mr, int(state.get("batch_size", 4)), dev)
+        recalibrate_bn(G, train_mr(), int(state.get("batch_size", 4)), dev)
     return G, state, recal
 
 
-def save_pick(path: str | Path, train: Split | None, dev, dest: str | Path) -> Path:
-    """Write the chosen checkpoint's generator, recalibrated, without the optimiser state."""
-    G, state, recal = ready_generator(path, train, dev)
+def save_pick(path: str | Path, G_state: dict, recalibrated: bool, dest: str | Path) -> Path:
+    """Write the chosen checkpoint with the generator weights it was scored with (`G_state`,
+    BatchNorm recalibrated if `recalibrated`), without the optimiser state."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
     keep = {k: v for k, v in state.items() if k not in ("D", "opt_g", "opt_d", "sched", "scaler", "rng")}
-    keep.update(G=G.state_dict(), bn_recalibrated=bool(recal or state.get("bn_recalibrated")), selected_from=str(path))
+    keep.update(G=G_state, bn_recalibrated=bool(recalibrated or state.get("bn_recalibrated")), selected_from=str(path))
     torch.save(keep, dest)
     return Path(dest)
 
 
-def score_checkpoint(path: str | Path, val: Split, train: Split | None, dev, amp: bool = True,
-                     masks: torch.Tensor | None = None) -> Score:
-    """Score one checkpoint on `val` (uptake inside `masks`, default the hot pixels); recalibrate
-    its BatchNorm on `train` if it was saved mid-run."""
-    G, state, recal = ready_generator(path, train, dev)
+def score_checkpoint(path: str | Path, val: Split, train_mr: Callable[[], torch.Tensor] | None, dev,
+                     amp: bool = True, masks: torch.Tensor | None = None) -> tuple[Score, dict]:
+    """Score one checkpoint on `val` (uptake inside `masks`, default the hot pixels), after
+    recalibrating its BatchNorm if it was saved mid-run; also the generator weights scored."""
+    G, state, recal = ready_generator(path, train_mr, dev)
     pred = predict(G, val.mr, dev, amp=amp)
     real01, pred01 = imagemetrics.unit_to_01(val.fusion), imagemetrics.unit_to_01(pred)
     chunks = [imagemetrics.all_metrics(real01[i:i + 32], pred01[i:i + 32]) for i in range(0, len(pred), 32)]
@@ -139,8 +143,9 @@ def score_checkpoint(path: str | Path, val: Split, train: Split | None, dev, amp
     keep = lesion_study_rows(val)
     mask = (uptake_map(val.mr[keep], val.fusion[keep]) >= HOT) if masks is None else masks[keep]
     shown, real = uptake_sums(val.mr[keep], val.fusion[keep], pred[keep], mask)
-    return Score(str(path), state.get("step"), round(float(m["psnr"].mean()), 3), round(float(m["ssim"].mean()), 4),
-                 round(shown / real, 4) if real > 0 else None, int(mask.sum()), recal)
+    score = Score(str(path), state.get("step"), round(float(m["psnr"].mean()), 3), round(float(m["ssim"].mean()), 4),
+                  round(shown / real, 4) if real > 0 else None, int(mask.sum()), recal)
+    return score, {k: v.detach().cpu().clone() for k, v in G.state_dict().items()}
 
 
 def pick(scores: list[Score], ssim_margin: float = 0.01) -> Score:
@@ -180,20 +185,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     val = load_split(args.data, args.split, args.limit)
-    train = None if args.no_recalibrate else load_split(args.data, "train", args.recalibrate_limit)
+    train_mr = None if args.no_recalibrate else functools.cache(
+        lambda: load_split(args.data, "train", args.recalibrate_limit).mr)
     masks = phantom_lesion_masks(args.phantom, val) if args.phantom else None
     mask_kind = "lesion" if masks is not None else f"hot (u >= {HOT})"
-    scores = []
+    scores, weights = [], {}
     print(f"{'checkpoint':<48} {'PSNR':>7} {'SSIM':>6}  uptake shown, {mask_kind}")
     for path in args.checkpoints:
-        s = score_checkpoint(path, val, train, dev, amp=not args.no_amp, masks=masks)
+        s, G_state = score_checkpoint(path, val, train_mr, dev, amp=not args.no_amp, masks=masks)
         scores.append(s)
+        if args.save_pick:
+            weights[s.checkpoint] = G_state
         shown = "—" if s.uptake_shown is None else f"{s.uptake_shown:.1%}"
         print(f"{str(path):<48} {s.psnr:7.2f} {s.ssim:6.3f}  {shown:>8}", flush=True)
     best = pick(scores, args.ssim_margin)
     print(f"pick: {best.checkpoint}")
     if args.save_pick:
-        print(f"saved: {save_pick(best.checkpoint, train, dev, args.save_pick)}")
+        print(f"saved: {save_pick(best.checkpoint, weights[best.checkpoint], best.recalibrated, args.save_pick)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"data": str(args.data), "split": args.split, "mask": mask_kind,
                                               "ssim_margin": args.ssim_margin, "pick": best.checkpoint,
