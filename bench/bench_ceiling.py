@@ -26,6 +26,14 @@ on the model grid with the evaluation's metrics (dicomnode.tools.imagemetrics):
   `model_sd_error_corr` (per slice, SD against absolute error), `model_sd_hidden` and
   `model_sd_elsewhere` (mean SD inside and outside those pixels).
 
+Where the squared error comes from: `*_hidden_mse` is the part of each prediction's MSE made in
+the pixels whose uptake the MR hides (lesion and myocardium; for the bound, from the J-draw mean
+without the finite-J correction), and `*_myocardium_bias` the mean signed error in the
+myocardium (positive: a hotter heart than the real one). The phantom's myocardial SUV is drawn
+from three modes (about 1.5, 3 and 8), so a model that draws the heart hot or cold with
+confidence loses much of its PSNR there, however well it does the rest. Each study's entry in
+`per_case` gives its `myocardium_suv`.
+
 For studies with a lesion, each prediction is also scored inside the lesion mask (on the grid):
 `*_lesion_psnr`, and `*_lesion_bias`, the mean signed error there (negative: less uptake shown
 than in the real fusion). This asks the clinical question the whole-image PSNR hides: does the
@@ -147,6 +155,19 @@ def sd_scores(real: torch.Tensor, pred: torch.Tensor, sd: torch.Tensor, hidden: 
     return out
 
 
+def region_scores(real: torch.Tensor, pred: torch.Tensor, hidden: torch.Tensor,
+                  lesion: torch.Tensor | None) -> tuple[list[float], list[float]]:
+    """Where the squared error comes from. Per slice: the part of the MSE contributed by the
+    hidden-uptake pixels (their summed squared error over all pixels, so `mse - hidden_mse` is the
+    rest of the image); and per slice with >= 16 myocardium pixels (hidden, not lesion), the mean
+    signed error there (positive: a hotter heart than the real one)."""
+    se, d = ((pred - real) ** 2).mean(1).double(), (pred - real).mean(1).double()
+    myo = hidden if lesion is None else hidden & ~lesion
+    hidden_mse = [float(e[m].sum() / e.numel()) for e, m in zip(se, hidden)]
+    myo_bias = [float(e[m].mean()) for e, m in zip(d, myo) if int(m.sum()) >= 16]
+    return hidden_mse, myo_bias
+
+
 def lesion_scores(real: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per lesion slice (>= 16 lesion pixels on the grid): PSNR inside the lesion and the mean
     signed error there (negative: the prediction shows less uptake than the real fusion)."""
@@ -181,8 +202,9 @@ def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
     if model is not None:
         preds["model"], preds["pix2pix"], sd = model_fusion(model, sim, place, seed=1000 * spec.case_index)
     out = {}
+    hidden = hidden_uptake_mask(spec, sim, place)
     if model is not None and sd is not None:
-        out.update(sd_scores(real_t, preds["model"], sd, hidden_uptake_mask(spec, sim, place)))
+        out.update(sd_scores(real_t, preds["model"], sd, hidden))
     for name, pred in preds.items():
         m = imagemetrics.all_metrics(real_t, pred)
         for key in ("psnr", "ssim", "mse"):
@@ -194,10 +216,11 @@ def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
         out["bound_ssim"] = np.ravel(imagemetrics.all_metrics(real_t, mean)["ssim"]).tolist()
         out["bound_mse"] = mse.tolist()
         preds["bound"] = mean
-    if spec.lesion:
-        mask = torch.from_numpy(np.stack([place.to_grid(k.astype(np.float32), fill=0.0) > 0.5
-                                          for k in sim.lesion_mask]))
-        for name, pred in preds.items():
+    mask = torch.from_numpy(np.stack([place.to_grid(k.astype(np.float32), fill=0.0) > 0.5
+                                      for k in sim.lesion_mask])) if spec.lesion else None
+    for name, pred in preds.items():
+        out[f"{name}_hidden_mse"], out[f"{name}_myocardium_bias"] = region_scores(real_t, pred, hidden, mask)
+        if mask is not None:
             out[f"{name}_lesion_psnr"], out[f"{name}_lesion_bias"] = lesion_scores(real_t, pred, mask)
     return out
 
@@ -221,6 +244,9 @@ def cohort_summary(result: dict, command: str) -> dict:
            "lesion_studies": sum(c["lesion"] for c in result["per_case"]), "metric_note": result["metric_note"]}
     for n in names:
         out[n] = {k: result[f"{n}_{k}"]["mean"] for k in ("psnr", "ssim", "mse")}
+        for k in ("hidden_mse", "myocardium_bias"):
+            if f"{n}_{k}" in result:
+                out[n][k] = result[f"{n}_{k}"]["mean"]
         out[n]["uptake_shown"] = uptake_shown(result["per_case"], n)
     if "bound" in names and "model" in names:
         out["lesion_studies_under_showing"] = [
@@ -264,7 +290,9 @@ def main() -> None:
     for spec in specs:
         scores = score_case(spec, a.draws, model)
         per_case.append({"case": spec.case_id, "lesion": spec.lesion, "slices": spec.slices,
-                         **{key: round(float(np.mean(vals)), 3) for key, vals in scores.items() if vals}})
+                         "myocardium_suv": round(scene(spec).anatomy.heart_suv, 2),
+                         **{key: round(float(np.mean(vals)), 6 if key.endswith("_mse") else 3)
+                            for key, vals in scores.items() if vals}})
         for key, vals in scores.items():
             values.setdefault(key, []).extend(vals)
     result = {"cases": len(specs), "slices": len(values.get("ceiling_psnr", [])), "split": a.split if a.manifest else None,

@@ -51,6 +51,26 @@ def test_sd_scores_measure_what_they_say():
     assert s["model_sd_hidden"] == pytest.approx([0.05, 0.05]) and s["model_sd_elsewhere"] == pytest.approx([0.01, 0.01])
 
 
+def test_region_scores_split_the_error_where_it_is_made():
+    real = torch.zeros(2, 3, 32, 32)
+    pred = torch.zeros(2, 3, 32, 32)
+    hidden = torch.zeros(2, 32, 32, dtype=torch.bool)
+    hidden[:, :16, :16] = True  # a quarter of each slice
+    lesion = torch.zeros_like(hidden)
+    lesion[:, :16, :8] = True  # half of it is lesion, the other half myocardium
+    pred[:, :, :16, 8:16] = 0.2  # a hot heart
+    pred[:, :, 20:, 20:] = -0.1  # an error outside the hidden uptake
+    hidden_mse, myo_bias = bc.region_scores(real, pred, hidden, lesion)
+    assert hidden_mse == pytest.approx([0.04 * 128 / 1024] * 2)  # only the heart's squared error
+    total = float(((pred - real) ** 2).mean(dim=(1, 2, 3))[0])
+    assert total - hidden_mse[0] == pytest.approx(0.01 * 144 / 1024)  # the rest is the rest
+    assert myo_bias == pytest.approx([0.2, 0.2])
+    hidden_mse, myo_bias = bc.region_scores(real, pred, hidden, None)  # no lesion: all hidden is heart
+    assert myo_bias == pytest.approx([0.1, 0.1])
+    hidden[1] = False  # too few myocardium pixels on a slice: no bias for it
+    assert len(bc.region_scores(real, pred, hidden, lesion)[1]) == 1
+
+
 def test_model_scores_pix2pix_alone_and_the_sd_map(tmp_path, case):
     model = load_model(make_tiny_model(tmp_path / "m"))
     model.defaults["samples"] = 2
@@ -58,6 +78,9 @@ def test_model_scores_pix2pix_alone_and_the_sd_map(tmp_path, case):
     for name in ("model", "pix2pix"):
         assert len(scores[f"{name}_psnr"]) == case.slices and scores[f"{name}_lesion_bias"]
     assert scores["model_psnr"] != scores["pix2pix_psnr"]
+    for name in ("model", "pix2pix", "ceiling", "floor"):
+        assert len(scores[f"{name}_hidden_mse"]) == case.slices
+        assert all(0 <= h <= m + 1e-9 for h, m in zip(scores[f"{name}_hidden_mse"], scores[f"{name}_mse"]))
     assert len(scores["model_sd_error_corr"]) == case.slices
     assert all(-1 <= c <= 1 for c in scores["model_sd_error_corr"])
     assert scores["model_sd_hidden"] and len(scores["model_sd_hidden"]) == len(scores["model_sd_elsewhere"])
