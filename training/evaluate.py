@@ -99,7 +99,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     fast = dict(model.defaults, **opts)
     mr, real = data_split.mr, data_split.fusion
 
-    p2p, _, t_p2p = _run(model, mr, batch_size, dev, quiet, "pix2pix", refine=False)
+    p2p, _, t_p2p = _run(model, mr, batch_size, dev, quiet, "pix2pix", refine=False, finish=False)  # the raw generator
     syn, _, t_fast = _run(model, mr, batch_size, dev, quiet, "cddpm fast", seed=seed, **opts)
     m_p2p, m_fast = score(real, p2p), score(real, syn)
 

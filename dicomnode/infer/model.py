@@ -27,6 +27,7 @@ from torch import nn
 from dicomnode import __version__
 from dicomnode.infer.diffusion import Diffusion
 from dicomnode.infer.nets import CDDPM_PRESETS, PIX2PIX_PRESETS, DiffusionUNet, UnetGenerator
+from dicomnode.infer.presentation import OutputSpec, finish_fusion
 
 CARD = "model.json"
 FORMAT = "dicomnode-model/1"
@@ -146,8 +147,8 @@ def _load_weights(net: nn.Module, path: Path, expected_sha: str | None, verify: 
 class Translation:
     """Result of `FusionModel.translate`: all tensors (B, 3, 256, 256) on the model grid."""
 
-    rgb: torch.Tensor            # final fusion in [-1, 1]
-    pix2pix: torch.Tensor        # the Pix2Pix output in [-1, 1]
+    rgb: torch.Tensor            # final fusion in [-1, 1] (finished per the card's `output`, if any)
+    pix2pix: torch.Tensor        # the raw Pix2Pix output in [-1, 1]
     sd: torch.Tensor | None      # per-pixel SD over K samples (uncertainty), None when K = 1
 
 
@@ -155,9 +156,9 @@ class FusionModel:
     """Loaded Pix2Pix + cDDPM pair: MR slices on the model grid -> fusion RGB on the model grid."""
 
     def __init__(self, generator: UnetGenerator, denoiser: DiffusionUNet, diffusion: Diffusion,
-                 card: dict, device: torch.device):
+                 card: dict, device: torch.device, output: OutputSpec | None = None):
         self.generator, self.denoiser, self.diffusion = generator, denoiser, diffusion
-        self.card, self.device = card, device
+        self.card, self.device, self.output = card, device, output
         self.defaults = dict(DEFAULT_SAMPLER, **card.get("sampler", {}))
 
     @property
@@ -173,10 +174,11 @@ class FusionModel:
 
     def translate(self, mr: torch.Tensor, *, refine: bool = True, sampler: str | None = None,
                   steps: int | None = None, strength: float | None = None, seed: int = 0,
-                  samples: int | None = None) -> Translation:
+                  samples: int | None = None, finish: bool = True) -> Translation:
         """mr: (B, 1, 256, 256) in [-1, 1]. Pix2Pix, then (if `refine`) the cDDPM warm-started
         from the Pix2Pix output noised to `strength` (1.0 = from pure noise); `samples` > 1 gives
-        the mean of K samples and their per-pixel SD."""
+        the mean of K samples and their per-pixel SD. With `finish` and a card `output` block, the
+        result is finished as a fusion of this MR (dicomnode.infer.presentation)."""
         if mr.ndim != 4 or mr.shape[1] != 1:
             raise ValueError(f"expected MR of shape (B, 1, H, W), got {tuple(mr.shape)}")
         opts = {k: v if v is not None else self.defaults[k]
@@ -184,14 +186,15 @@ class FusionModel:
         with torch.inference_mode():
             mr = self._prep(mr)
             p2p = self.generator(mr).float().clamp(-1, 1)
+            done = (lambda x: finish_fusion(x, mr, self.output)) if finish and self.output else (lambda x: x)
             if not refine:
-                return Translation(p2p, p2p, None)
+                return Translation(done(p2p), p2p, None)
             cond = torch.cat([mr, p2p], 1).contiguous(memory_format=torch.channels_last)
             init = None if opts["strength"] >= 1.0 else p2p
             mean, sd = self.diffusion.sample_k(self.denoiser, cond, k=int(opts["samples"]), seed=seed, init=init,
                                                sampler=opts["sampler"], steps=int(opts["steps"]),
                                                strength=float(opts["strength"]))
-            return Translation(mean.clamp(-1, 1), p2p, sd)
+            return Translation(done(mean.clamp(-1, 1)), p2p, sd)
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> FusionModel:
@@ -211,7 +214,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", verify
     denoiser = DiffusionUNet(**d_cfg)
     _load_weights(generator, model_dir / FILES["pix2pix"], files.get(FILES["pix2pix"]), verify)
     _load_weights(denoiser, model_dir / FILES["cddpm"], files.get(FILES["cddpm"]), verify)
+    try:
+        output = OutputSpec.from_card(card["output"]) if card.get("output") is not None else None
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{card_path}: bad output block: {e}") from e
     device = torch.device(device)
     for net in (generator, denoiser):
         net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-    return FusionModel(generator, denoiser, diffusion, card, device)
+    return FusionModel(generator, denoiser, diffusion, card, device, output)
