@@ -18,13 +18,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dicomnode.infer.model import load_model, read_card, write_card
 from dicomnode.infer.presentation import OutputSpec, finish_fusion
-from dicomnode.tools import imagemetrics
-from training.select import HOT, lesion_study_rows, phantom_lesion_masks, uptake_sums
+from training.select import HOT, lesion_study_rows, phantom_lesion_masks, psnr_ssim, uptake_sums
 from training.trainutil import load_split, resolve_device, uptake_map
 
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -40,9 +38,7 @@ class SigmaScore:
 
 def score(real: torch.Tensor, pred: torch.Tensor, mr: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor,
           sigma: float | None) -> SigmaScore:
-    real01, pred01 = imagemetrics.unit_to_01(real), imagemetrics.unit_to_01(pred)
-    chunks = [imagemetrics.all_metrics(real01[i:i + 32], pred01[i:i + 32]) for i in range(0, len(pred), 32)]
-    m = {k: np.concatenate([np.atleast_1d(c[k]) for c in chunks]) for k in ("psnr", "ssim")}
+    m = psnr_ssim(real, pred)
     shown, total = uptake_sums(mr[keep], real[keep], pred[keep], mask)
     return SigmaScore(sigma, round(float(m["psnr"].mean()), 3), round(float(m["ssim"].mean()), 4),
                       round(shown / total, 4) if total > 0 else None)

@@ -131,15 +131,20 @@ def save_pick(path: str | Path, G_state: dict, recalibrated: bool, dest: str | P
     return Path(dest)
 
 
+def psnr_ssim(real: torch.Tensor, pred: torch.Tensor, chunk: int = 32) -> dict[str, np.ndarray]:
+    """Per-pair PSNR and SSIM of fusions in [-1, 1] (scored in [0, 1]), in chunks to bound memory."""
+    real01, pred01 = imagemetrics.unit_to_01(real), imagemetrics.unit_to_01(pred)
+    chunks = [imagemetrics.all_metrics(real01[i:i + chunk], pred01[i:i + chunk]) for i in range(0, len(pred), chunk)]
+    return {k: np.concatenate([np.atleast_1d(c[k]) for c in chunks]) for k in ("psnr", "ssim")}
+
+
 def score_checkpoint(path: str | Path, val: Split, train_mr: Callable[[], torch.Tensor] | None, dev,
                      amp: bool = True, masks: torch.Tensor | None = None) -> tuple[Score, dict]:
     """Score one checkpoint on `val` (uptake inside `masks`, default the hot pixels), after
     recalibrating its BatchNorm if it was saved mid-run; also the generator weights scored."""
     G, state, recal = ready_generator(path, train_mr, dev)
     pred = predict(G, val.mr, dev, amp=amp)
-    real01, pred01 = imagemetrics.unit_to_01(val.fusion), imagemetrics.unit_to_01(pred)
-    chunks = [imagemetrics.all_metrics(real01[i:i + 32], pred01[i:i + 32]) for i in range(0, len(pred), 32)]
-    m = {k: np.concatenate([np.atleast_1d(c[k]) for c in chunks]) for k in ("psnr", "ssim")}
+    m = psnr_ssim(val.fusion, pred)
     keep = lesion_study_rows(val)
     mask = (uptake_map(val.mr[keep], val.fusion[keep]) >= HOT) if masks is None else masks[keep]
     shown, real = uptake_sums(val.mr[keep], val.fusion[keep], pred[keep], mask)
