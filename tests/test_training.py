@@ -232,3 +232,52 @@ def test_pix2pix_records_its_loss_options_and_refuses_bad_ones(tmp_path):
         pix2pix.train(data, tmp_path / "q", preset="tiny", steps=1, device="cpu", quiet=True, recon="l2")
     with pytest.raises(ValueError, match="gan weight"):
         pix2pix.train(data, tmp_path / "q", preset="tiny", steps=1, device="cpu", quiet=True, gan_weight=-1)
+
+
+def test_patient_folds_are_stable_and_partition_the_split(tmp_path):
+    from training.trainutil import load_split, patient_fold
+
+    assert [patient_fold(f"P{i}", 2) for i in range(4)] == [1, 0, 0, 1]  # a hash, not the run's state
+    with pytest.raises(ValueError, match="folds"):
+        patient_fold("P0", 0)
+    split = load_split(write_dataset(tmp_path / "data", per_patient=2, size=32), "train")
+    f0, f1 = split.fold_positions(2, 0), split.fold_positions(2, 1)
+    assert sorted(f0 + f1) == list(range(len(split))) and f0 and f1
+    sub = split.subset(f1)
+    assert {r["patient_id"] for r in sub.rows} == {"P0", "P3"} and torch.equal(sub.mr, split.mr[f1])
+
+
+def test_fold_generators_hold_out_their_fold_and_condition_the_cddpm_out_of_fold(tmp_path):
+    from training import cddpm, pix2pix
+    from training.trainutil import load_split
+
+    data = write_dataset(tmp_path / "data", per_patient=2, size=32)
+    kw = dict(preset="tiny", steps=2, batch_size=2, device="cpu", quiet=True, sample_every=100)
+    ckpts = []
+    for fold in (0, 1):
+        res = pix2pix.train(data, tmp_path / f"f{fold}", folds=2, holdout_fold=fold, **kw)
+        state = torch.load(tmp_path / f"f{fold}" / "checkpoint.pt", weights_only=False)
+        assert (state["folds"], state["holdout_fold"]) == (2, fold)
+        assert res["train_pairs"] == 4  # 2 of the 4 training patients, 2 slices each
+        ckpts.append(tmp_path / f"f{fold}" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="holdout fold"):
+        pix2pix.train(data, tmp_path / "bad", folds=2, holdout_fold=2, **kw)
+
+    split = load_split(data, "train")
+    oof = cddpm.out_of_fold_outputs(ckpts, split, "cpu")
+    for fold, ckpt in enumerate(ckpts):  # every pair predicted by the generator that never saw its patient
+        G, _, _ = pix2pix.load_generator(ckpt)
+        rows = split.fold_positions(2, fold)
+        assert torch.allclose(oof[rows], cddpm.pix2pix_outputs(G, split.mr[rows], "cpu"), atol=1e-6)
+    own = cddpm.pix2pix_outputs(pix2pix.load_generator(ckpts[0])[0], split.mr, "cpu")
+    assert not torch.allclose(oof, own)
+    with pytest.raises(ValueError, match="one generator per held-out fold"):
+        cddpm.out_of_fold_outputs([ckpts[0], ckpts[0]], split, "cpu")
+    with pytest.raises(ValueError, match="one generator per held-out fold"):
+        cddpm.out_of_fold_outputs([ckpts[1]], split, "cpu")
+
+    res = cddpm.train(data, ckpts[0], tmp_path / "ddpm", preset="tiny", steps=2, batch_size=2, crop=16,
+                      timesteps=20, device="cpu", quiet=True, sample_every=100, sample_steps=2,
+                      pix2pix_folds=ckpts)
+    card = read_card(res["model_dir"])
+    assert card["training"]["cddpm_condition"]["out_of_fold"] == [str(c) for c in ckpts]

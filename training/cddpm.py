@@ -46,6 +46,26 @@ def pix2pix_outputs(G, mr: torch.Tensor, dev, batch_size: int = 8) -> torch.Tens
     return torch.cat(outs).clamp(-1, 1)
 
 
+def out_of_fold_outputs(checkpoints: list[str | Path], split, dev) -> torch.Tensor:
+    """Each pair's prediction by the fold generator that did not see its patient
+    (`pix2pix --folds N --holdout-fold K`, one checkpoint per fold). Trained on these, the cDDPM
+    learns how far to trust the generator where the MR cannot tell (a hot or faint heart, a
+    lesion's SUV) as it is on a new patient, instead of on patients the generator memorised."""
+    states = [torch.load(c, map_location="cpu", weights_only=False) for c in checkpoints]
+    folds = {int(s.get("folds") or 1) for s in states}
+    held_out = sorted(s.get("holdout_fold") for s in states if s.get("holdout_fold") is not None)
+    if folds != {len(checkpoints)} or held_out != list(range(len(checkpoints))):
+        found = ", ".join(f"{c}: fold {s.get('holdout_fold')} of {s.get('folds')}" for c, s in zip(checkpoints, states))
+        raise ValueError(f"--pix2pix-folds needs one generator per held-out fold 0..N-1 of N folds; got {found}")
+    out = torch.empty_like(split.fusion)
+    for path, state in zip(checkpoints, states):
+        rows = split.fold_positions(len(checkpoints), int(state["holdout_fold"]))
+        if rows:
+            G, _, _ = load_generator(path, dev)
+            out[rows] = pix2pix_outputs(G, split.mr[rows], dev)
+    return out
+
+
 def random_crops(tensors: list[torch.Tensor], size: int, gen: torch.Generator) -> list[torch.Tensor]:
     """The same random size x size window from each tensor, independently per sample."""
     n, _, h, w = tensors[0].shape
@@ -62,8 +82,11 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
           device: str = "auto", amp: bool = True, resume: bool = False, threads: int | None = None,
           log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250, limit: int | None = None,
           sample_steps: int = 8, sample_strength: float = 0.5, quiet: bool = False, stop_after: int | None = None,
-          name: str = "t2fs2petfusion", version: str | None = None, lesion_weight: float = 1.0) -> dict:
-    """Train (or resume) the cDDPM and export OUT/model; returns a summary."""
+          name: str = "t2fs2petfusion", version: str | None = None, lesion_weight: float = 1.0,
+          pix2pix_folds: list[str | Path] | None = None) -> dict:
+    """Train (or resume) the cDDPM and export OUT/model; returns a summary. `pix2pix_folds`:
+    condition on out-of-fold generator outputs (`out_of_fold_outputs`) instead of `pix2pix`'s own;
+    `pix2pix` is still the generator exported with the model."""
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -73,7 +96,8 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     G, p2p_preset, p2p_state = load_generator(pix2pix, dev)
     train_set = load_split(data, "train", limit)
     preview = _preview_split(data)
-    cond_p2p = pix2pix_outputs(G, train_set.mr, dev)
+    cond_p2p = (out_of_fold_outputs(pix2pix_folds, train_set, dev) if pix2pix_folds
+                else pix2pix_outputs(G, train_set.mr, dev))
     preview_p2p = pix2pix_outputs(G, preview.mr, dev)
     diffusion = Diffusion(schedule, timesteps, prediction)
     net = build_denoiser(preset).to(dev, memory_format=torch.channels_last)
@@ -151,6 +175,7 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
                                       "batch_size": p2p_state.get("batch_size"), "seed": p2p_state.get("seed"),
                                       "lesion_weight": p2p_state.get("lesion_weight", 1.0),
                                       "loss": "LSGAN + 100*L1", "optimizer": "Adam 2e-4 beta1 0.5, linear decay"},
+                          **({"cddpm_condition": {"out_of_fold": [str(c) for c in pix2pix_folds]}} if pix2pix_folds else {}),
                           "cddpm": {"steps": step, "batch_size": batch_size, "crop": crop, "lr": lr,
                                     "decay_start": decay_start, "ema_decay": ema_decay, "seed": seed,
                                     "lesion_weight": lesion_weight, "final_loss_ema": loss_ema},
@@ -202,12 +227,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lesion-weight", type=float, default=1.0,
                     help="draw pairs of studies with a lesion this many times as often (pairs.csv lesion=1)")
     ap.add_argument("--version", help="model version string for the card")
+    ap.add_argument("--pix2pix-folds", nargs="+", metavar="CKPT",
+                    help="fold generators (pix2pix --holdout-fold 0..N-1): train on their out-of-fold outputs")
     a = ap.parse_args(argv)
     res = train(a.data, a.pix2pix, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, crop=a.crop,
                 lr=a.lr, decay_start=a.decay_start, ema_decay=a.ema_decay, schedule=a.schedule, prediction=a.prediction,
                 timesteps=a.timesteps, seed=a.seed, device=a.device, amp=not a.no_amp, resume=a.resume,
                 stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
                 sample_steps=a.sample_steps, sample_strength=a.sample_strength, limit=a.limit, version=a.version,
-                lesion_weight=a.lesion_weight)
+                lesion_weight=a.lesion_weight, pix2pix_folds=a.pix2pix_folds)
     print(json.dumps(res))
     return 0

@@ -43,10 +43,13 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
           threads: int | None = None, log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250,
           limit: int | None = None, quiet: bool = False, stop_after: int | None = None,
           lesion_weight: float = 1.0, uptake_weight: float = 1.0, recon: str = "l1", gan_weight: float = 1.0,
-          snapshot_every: int | None = None) -> dict:
+          snapshot_every: int | None = None, folds: int = 2, holdout_fold: int | None = None) -> dict:
     """Train (or resume) a Pix2Pix generator; returns a summary with the final losses.
     `snapshot_every`: also keep OUT/snapshots/stepNNNNNN.pt every so many steps, to choose from
-    with `python -m training select` (the lesion output swings between checkpoints)."""
+    with `python -m training select` (the lesion output swings between checkpoints).
+    `folds`, `holdout_fold`: train without the patients of that fold (`patient_fold`), so its
+    outputs on them are out-of-fold, as the shipped generator's are on a new patient
+    (`python -m training cddpm --pix2pix-folds`)."""
     if threads:
         torch.set_num_threads(threads)
     if recon not in RECON_LOSSES:
@@ -58,6 +61,14 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
     seed_all(seed)
     dev = resolve_device(device)
     train_set = load_split(data, "train", limit)
+    if holdout_fold is not None:
+        if not 0 <= holdout_fold < folds or folds < 2:
+            raise ValueError(f"holdout fold must be in 0..folds-1 with folds >= 2, got {holdout_fold} of {folds}")
+        held_out = set(train_set.fold_positions(folds, holdout_fold))
+        keep = [i for i in range(len(train_set)) if i not in held_out]
+        if not keep:
+            raise ValueError(f"fold {holdout_fold} of {folds} holds every training patient")
+        train_set = train_set.subset(keep)
     val_set = _preview_split(data)
     G = init_weights(build_generator(preset)).to(dev, memory_format=torch.channels_last)
     D = init_weights(build_discriminator(preset)).to(dev, memory_format=torch.channels_last)
@@ -125,7 +136,9 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                                        "rng": torch.get_rng_state(), "seed": seed,
                                        "data": str(data), "train_pairs": len(train_set), "batch_size": batch_size,
                                        "lesion_weight": lesion_weight, "uptake_weight": uptake_weight,
-                                       "recon": recon, "gan_weight": gan_weight})
+                                       "recon": recon, "gan_weight": gan_weight,
+                                       "folds": folds if holdout_fold is not None else 1,
+                                       "holdout_fold": holdout_fold})
             if snapshot_now:
                 _snapshot(ckpt, step)
             if step % sample_every == 0 or step == steps:
@@ -231,12 +244,15 @@ def main(argv=None) -> int:
     ap.add_argument("--gan-weight", type=float, default=1.0, help="weight of the LSGAN term (paper: 1; 0: none)")
     ap.add_argument("--uptake-weight", type=float, default=1.0,
                     help="weight of the hottest pixels in the L1 term, 1 + (W-1) u^2 with u the PET share (1: plain L1)")
+    ap.add_argument("--folds", type=int, default=2, help="number of patient folds for --holdout-fold")
+    ap.add_argument("--holdout-fold", type=int,
+                    help="train without this fold's patients (a fold generator for cddpm --pix2pix-folds)")
     a = ap.parse_args(argv)
     res = train(a.data, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                 lambda_l1=a.lambda_l1, decay_start=a.decay_start, seed=a.seed, device=a.device, amp=not a.no_amp,
                 resume=a.resume, stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
                 limit=a.limit, lesion_weight=a.lesion_weight,
                 uptake_weight=a.uptake_weight, recon=a.recon, gan_weight=a.gan_weight,
-                snapshot_every=a.snapshot_every)
+                snapshot_every=a.snapshot_every, folds=a.folds, holdout_fold=a.holdout_fold)
     print(json.dumps(res))
     return 0

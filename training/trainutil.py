@@ -4,6 +4,7 @@ training.data.PairedDataset), seeds, devices, CSV logs, progress bars and checkp
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -26,6 +27,23 @@ class Split:
 
     def __len__(self) -> int:
         return self.mr.shape[0]
+
+    def subset(self, positions: list[int]) -> Split:
+        """The pairs at these positions (in this order), same split name and manifest."""
+        index = torch.as_tensor(positions, dtype=torch.long)
+        return Split(self.name, self.mr[index], self.fusion[index], [self.rows[i] for i in positions], self.manifest)
+
+    def fold_positions(self, folds: int, fold: int) -> list[int]:
+        """Positions of the pairs whose patient falls in `fold` of `folds` (`patient_fold`)."""
+        return [i for i, r in enumerate(self.rows) if patient_fold(r["patient_id"], folds) == fold]
+
+
+def patient_fold(patient_id: str, folds: int) -> int:
+    """A patient's fold out of `folds`, from a hash of the ID: stable across runs and machines, so
+    fold generators and the cDDPM trained on their outputs agree without sharing any state."""
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big") % folds
 
 
 def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> Split:
