@@ -105,11 +105,34 @@ def test_smoothing_removes_texture_the_mr_cannot_predict():
     assert err(finish_fusion(pred, mr, HOT)) < 0.5 * err(pred)
 
 
+def test_pet_floor_clears_the_faint_haze_and_keeps_the_hot_colours():
+    mr = torch.rand(1, 1, 32, 32) * 2 - 1
+    grey = 0.5 * (mr + 1) / 2
+    pet = torch.zeros(1, 3, 32, 32)  # left half: no uptake; right half: orange; a white lesion
+    pet[:, :, :, 16:] = torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1)
+    pet[:, :, 8:12, 20:24] = 1.0
+    real = (grey + 0.5 * pet) * 2 - 1
+    haze = (grey + 0.5 * (pet + 0.02).clamp(max=1)) * 2 - 1  # faint uptake added everywhere
+    spec = OutputSpec("hot", 0.5, 0.0, pet_floor=0.02)
+    out = finish_fusion(haze, mr, spec)
+    out_pet = ((out + 1) / 2 - grey) / 0.5
+    assert float(out_pet[..., :16].abs().max()) < 1e-5  # the haze is gone
+    assert float(out_pet[:, :, 8:12, 20:24].min()) > 1 - 1e-5  # white stays white
+    torch.testing.assert_close(out_pet[:, :, 20:, 16:], pet[:, :, 20:, 16:], atol=0.011, rtol=0)
+    r, g, b = out_pet.unbind(1)  # still a colour the map can make
+    assert bool(((r >= g - 1e-6) & (g >= b - 1e-6) & (b >= -1e-6) & (r <= 1 + 1e-6)).all())
+    assert float(((out - real) ** 2).mean()) < 0.1 * float(((haze - real) ** 2).mean())
+    # floor 0 is the finish without a black level
+    torch.testing.assert_close(finish_fusion(haze, mr, OutputSpec("hot", 0.5, 1.0, 0.0)), finish_fusion(haze, mr, HOT))
+
+
 def test_output_spec_validates_the_card_block():
     assert OutputSpec.from_card({"colormap": "hot", "opacity": 0.5, "pet_sigma_px": 1, "selected_on": "x"}) == HOT
+    assert OutputSpec.from_card({"colormap": "hot", "opacity": 0.5, "pet_sigma_px": 1, "pet_floor": 0.02}).pet_floor == 0.02
     for block, msg in (({"colormap": "jet", "opacity": 0.5, "pet_sigma_px": 1}, "colormap 'jet'"),
                        ({"colormap": "hot", "opacity": 0, "pet_sigma_px": 1}, "opacity"),
                        ({"colormap": "hot", "opacity": 0.5, "pet_sigma_px": -1}, "pet_sigma_px"),
+                       ({"colormap": "hot", "opacity": 0.5, "pet_sigma_px": 1, "pet_floor": 0.5}, "pet_floor"),
                        ({"colormap": "hot", "opacity": 0.5}, "missing key 'pet_sigma_px'"),
                        ({"colormap": "hot", "opacity": 0.5, "pet_sigma_px": 1, "sigma": 2}, "unknown keys")):
         with pytest.raises(ValueError, match=msg):
@@ -136,16 +159,21 @@ def test_model_applies_its_cards_output_block(tmp_path):
 
 
 def test_finish_picks_the_best_ssim_that_keeps_the_uptake():
-    from training.finish import SigmaScore, pick
+    from training.finish import FinishScore, pick
 
-    raw = SigmaScore(None, 29.0, 0.908, 0.90)
-    scores = [SigmaScore(0.0, 29.1, 0.910, 0.90), SigmaScore(1.0, 29.3, 0.913, 0.895),
-              SigmaScore(2.0, 29.4, 0.914, 0.85)]  # 2.0: better image, but the lesion fades
+    raw = FinishScore(None, None, 29.0, 0.908, 0.90)
+    scores = [FinishScore(0.0, 0.0, 29.1, 0.910, 0.90), FinishScore(1.0, 0.0, 29.3, 0.913, 0.895),
+              FinishScore(2.0, 0.0, 29.4, 0.914, 0.85)]  # 2.0: better image, but the lesion fades
     assert pick(raw, scores).sigma == 1.0
     assert pick(raw, scores, uptake_margin=0.1).sigma == 2.0
-    assert pick(SigmaScore(None, 29.0, 0.9, None), scores).sigma == 2.0  # no uptake to keep
-    with pytest.raises(ValueError, match="every sigma"):
-        pick(SigmaScore(None, 29.0, 0.9, 0.99), scores)
+    assert pick(FinishScore(None, None, 29.0, 0.9, None), scores).sigma == 2.0  # no uptake to keep
+    with pytest.raises(ValueError, match="every setting"):
+        pick(FinishScore(None, None, 29.0, 0.9, 0.99), scores)
+    # uptake painted beyond the real one may be taken back, down to all of it (less the margin)
+    over = FinishScore(None, None, 29.0, 0.908, 1.05)
+    floors = [FinishScore(1.0, 0.0, 29.3, 0.910, 1.04), FinishScore(1.0, 0.01, 29.4, 0.914, 0.995),
+              FinishScore(1.0, 0.02, 29.4, 0.916, 0.985)]
+    assert pick(over, floors).floor == 0.01
 
 
 def test_finish_command_scores_the_sigmas_and_writes_the_card(tmp_path, capsys):
@@ -160,10 +188,12 @@ def test_finish_command_scores_the_sigmas_and_writes_the_card(tmp_path, capsys):
     assert finish.main(["--model", str(model), "--data", str(data), "--sigmas", "0,1,2", "--device", "cpu",
                         "--out", str(out), "--write"]) == 0
     res = json.loads(out.read_text())
-    assert [s["sigma"] for s in res["scores"]] == [0.0, 1.0, 2.0] and res["pairs"] == 4
-    assert res["pick"] in (0.0, 1.0, 2.0) and "--write" not in res["command"]
+    assert [(s["sigma"], s["floor"]) for s in res["scores"]] == [(sg, f) for sg in (0.0, 1.0, 2.0)
+                                                                 for f in (0.0, 0.01, 0.02, 0.03)]
+    assert res["pairs"] == 4 and "--write" not in res["command"]
     card = read_card(model)
-    assert card["output"]["pet_sigma_px"] == res["pick"] and card["output"]["opacity"] == 0.5
+    assert res["pick"] == {k: card["output"][k] for k in ("pet_sigma_px", "pet_floor")}
+    assert card["output"]["opacity"] == 0.5
     assert "val split, 4 pairs" in card["output"]["selected_on"] and "<- pick" in capsys.readouterr().out
     load_model(model)  # the block it wrote is valid
     with pytest.raises(ValueError, match="pet_sigma_px"):

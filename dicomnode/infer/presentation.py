@@ -13,7 +13,12 @@ part of any fusion of this MR is known, and only the PET colour part is predicte
 3. projects every pixel onto the colours a mean of 'hot' colour-map values can take,
    1 >= r >= g >= b >= 0 (the map's convex hull). The real fusion's PET part lies in that set, so
    this step never moves a pixel further from it;
-4. recomposes with the exact grey.
+4. sets a black level, `pet_floor`: PET colour below it is shown as none and the rest is
+   stretched back to the map's top, (h - floor) / (1 - floor) clipped at 0 (it keeps the order
+   r >= g >= b, so the result stays in the hull). Where the model cannot tell whether there is any
+   uptake at all (air, cortical bone, the edge of the body) the mean of its samples is a faint
+   haze that the real PET does not have; a reader sees it as background uptake;
+5. recomposes with the exact grey.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class OutputSpec:
     colormap: str
     opacity: float
     pet_sigma_px: float
+    pet_floor: float = 0.0
 
     def __post_init__(self):
         if self.colormap not in COLORMAPS:
@@ -42,14 +48,17 @@ class OutputSpec:
             raise ValueError(f"opacity must be in (0, 1], not {self.opacity!r}")
         if not 0.0 <= self.pet_sigma_px <= 8.0:
             raise ValueError(f"pet_sigma_px must be in [0, 8] grid pixels, not {self.pet_sigma_px!r}")
+        if not 0.0 <= self.pet_floor <= 0.2:
+            raise ValueError(f"pet_floor must be in [0, 0.2] (a share of the colour map), not {self.pet_floor!r}")
 
     @classmethod
     def from_card(cls, block: dict) -> OutputSpec:
-        unknown = set(block) - {"colormap", "opacity", "pet_sigma_px", "selected_on"}
+        unknown = set(block) - {"colormap", "opacity", "pet_sigma_px", "pet_floor", "selected_on"}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}")
         try:
-            return cls(str(block["colormap"]), float(block["opacity"]), float(block["pet_sigma_px"]))
+            return cls(str(block["colormap"]), float(block["opacity"]), float(block["pet_sigma_px"]),
+                       float(block.get("pet_floor", 0.0)))
         except KeyError as e:
             raise ValueError(f"missing key {e.args[0]!r}") from None
 
@@ -89,4 +98,6 @@ def finish_fusion(rgb: torch.Tensor, mr: torch.Tensor, spec: OutputSpec) -> torc
     grey = (1 - spec.opacity) * (mr.float() + 1) / 2
     pet = ((rgb.float() + 1) / 2 - grey) / spec.opacity
     pet = project_hot_hull(gaussian_blur(pet.contiguous(), spec.pet_sigma_px))
+    if spec.pet_floor > 0:
+        pet = ((pet - spec.pet_floor) / (1 - spec.pet_floor)).clamp(min=0)
     return ((grey + spec.opacity * pet) * 2 - 1).clamp(-1, 1)
