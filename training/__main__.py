@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pix2pix": ("training.pix2pix", "train the Pix2Pix generator (LSGAN + L1, PatchGAN)"),
     "select": ("training.select", "choose a Pix2Pix snapshot on the validation split (PSNR, SSIM, hot uptake)"),
     "cddpm": ("training.cddpm", "train the cDDPM refiner and export the model directory"),
-    "finish": ("training.finish", "choose the PET smoothing of the output on the validation split (card `output`)"),
+    "finish": ("training.finish", "choose the output's PET smoothing and black level on the validation split (card `output`)"),
     "evaluate": ("training.evaluate", "PSNR/SSIM/MAE/MSE, uptake tertiles, ablation, comparison figure"),
 }
 
