@@ -203,6 +203,54 @@ def test_uptake_weighted_l1_weights_hot_pixels_that_much_more():
         uptake_weighted_l1(pred, real, mr, 0.0)
 
 
+def test_diffusion_loss_weights_each_pixel_by_what_it_is_given():
+    from dicomnode.infer.diffusion import Diffusion
+    from training.trainutil import uptake_weights
+
+    diffusion = Diffusion("cosine", 20, "eps")
+    x0 = torch.zeros(2, 3, 8, 8)
+    cond = torch.zeros(2, 2, 8, 8)
+
+    def model(x_t, t, c):  # x0 = 0, so the eps target is x_t / sqrt(1 - abar_t); off by 1 (left), 3 (right)
+        target = x_t / (1 - diffusion.alphas_cumprod[t].float()).sqrt().view(-1, 1, 1, 1)
+        return target + torch.cat([torch.ones(2, 3, 8, 4), 3 * torch.ones(2, 3, 8, 4)], -1)
+
+    loss = lambda w: diffusion.loss(model, x0, cond, generator=torch.Generator().manual_seed(5), weight=w).item()  # noqa: E731
+    assert loss(None) == pytest.approx(5.0)                      # (1 + 9) / 2
+    assert loss(torch.ones(2, 1, 8, 8)) == pytest.approx(5.0)    # all-ones is the plain MSE
+    right = torch.zeros(2, 1, 8, 8)
+    right[..., 4:] = 1.0
+    assert loss(right) == pytest.approx(9.0)                     # only the right half counts
+    assert loss(1 + 3 * right) == pytest.approx((1 + 4 * 9) / 5)  # right half 4x: normalised by the weights
+
+    mr = -torch.ones(1, 1, 4, 4)                                 # black MR: the fusion is all PET
+    real = -torch.ones(1, 3, 4, 4)
+    real[..., 0, 0] = 1.0                                        # one white pixel: u = 1
+    w = uptake_weights(mr, real, 10.0)
+    assert w.shape == (1, 1, 4, 4) and w[0, 0, 0, 0] == pytest.approx(10.0) and w[0, 0, 1:, 1:].eq(1).all()
+    assert uptake_weights(mr, real, 1.0) is None
+    with pytest.raises(ValueError):
+        uptake_weights(mr, real, 0.0)
+
+
+def test_cddpm_loss_weights_multiply_uptake_and_lesion_mask_weights():
+    from training.cddpm import loss_weights
+
+    mr = -torch.ones(1, 1, 4, 4)
+    real = -torch.ones(1, 3, 4, 4)
+    real[..., 0, 0] = 1.0                            # one white pixel: u = 1
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., :2, :2] = True                         # a lesion covering it and three cold pixels
+    assert loss_weights(mr, real, 1.0, [], 1.0) is None and loss_weights(mr, real, 1.0, [mask], 1.0) is None
+    w = loss_weights(mr, real, 1.0, [mask], 3.0)[0, 0]
+    assert w[:2, :2].eq(3).all() and w[2:].eq(1).all() and w[:, 2:].eq(1).all()
+    w = loss_weights(mr, real, 4.0, [mask], 3.0)[0, 0]
+    assert w[0, 0] == pytest.approx(12.0) and w[1, 1] == pytest.approx(3.0) and w[3, 3] == pytest.approx(1.0)
+    real[..., 3, 3] = 1.0                            # a second white pixel, outside the lesion
+    w = loss_weights(mr, real, 1.0, [mask], 1.0, 5.0)[0, 0]  # uptake weighting inside the lesion only
+    assert w[0, 0] == pytest.approx(5.0) and w[3, 3] == pytest.approx(1.0) and w[1, 1] == pytest.approx(1.0)
+
+
 def test_mse_reconstruction_is_the_weighted_mean_square_and_l1_stays_the_default():
     from training.pix2pix import reconstruction_loss
 
@@ -278,6 +326,9 @@ def test_fold_generators_hold_out_their_fold_and_condition_the_cddpm_out_of_fold
 
     res = cddpm.train(data, ckpts[0], tmp_path / "ddpm", preset="tiny", steps=2, batch_size=2, crop=16,
                       timesteps=20, device="cpu", quiet=True, sample_every=100, sample_steps=2,
-                      pix2pix_folds=ckpts)
+                      pix2pix_folds=ckpts, uptake_weight=4.0)
     card = read_card(res["model_dir"])
     assert card["training"]["cddpm_condition"]["out_of_fold"] == [str(c) for c in ckpts]
+    assert card["training"]["cddpm"]["uptake_weight"] == 4.0
+    with pytest.raises(ValueError, match="phantom export"):
+        cddpm.train(data, ckpts[0], tmp_path / "ddpm2", preset="tiny", steps=1, lesion_mask_weight=3.0)

@@ -114,9 +114,20 @@ def test_phantom_lesion_masks_fall_on_the_lesion_of_each_pair(tmp_path):
     inside, outside = u[masks].mean(), u[~masks & lesion_rows[:, None, None, None].expand_as(masks)].mean()
     shifted = u[masks.roll(12, -1)].mean()   # the same masks 12 grid pixels off (~4 mm here)
     assert inside > 2.5 * outside and inside > shifted + 0.1   # measured 0.43 vs 0.11 and 0.27
+    # the cDDPM can weight its loss inside these masks (training.cddpm.loss_weights)
+    from dicomnode.infer.model import read_card
+    from training import cddpm, pix2pix
+    kw = dict(preset="tiny", batch_size=2, device="cpu", quiet=True, sample_every=100)
+    pix2pix.train(data, tmp_path / "p2p", steps=1, **kw)
+    res = cddpm.train(data, tmp_path / "p2p" / "checkpoint.pt", tmp_path / "ddpm", steps=2, crop=32, timesteps=20,
+                      sample_steps=2, lesion_mask_weight=3.0, phantom=export, **kw)
+    assert read_card(res["model_dir"])["training"]["cddpm"]["lesion_mask_weight"] == 3.0
     # a data set from other generator options is refused, not silently mis-masked
     info = json.loads((export / "cases.json").read_text())
     info["plan"]["max_slices"] = 9
     (export / "cases.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="does not re-plan"):
         select.phantom_lesion_masks(export, split)
+    with pytest.raises(ValueError, match="does not re-plan"):
+        cddpm.train(data, tmp_path / "p2p" / "checkpoint.pt", tmp_path / "ddpm2", steps=1, crop=32, timesteps=20,
+                    lesion_mask_weight=3.0, phantom=export, **kw)

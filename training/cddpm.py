@@ -22,6 +22,7 @@ from dicomnode.infer.model import save_model
 from dicomnode.infer.nets import build_denoiser
 from training import plots
 from training.pix2pix import _preview_split, load_generator
+from training.select import phantom_lesion_masks
 from training.trainutil import (
     CsvLog,
     autocast,
@@ -33,6 +34,7 @@ from training.trainutil import (
     resolve_device,
     save_checkpoint,
     seed_all,
+    uptake_weights,
 )
 
 FIELDS = ["step", "epoch", "lr", "loss", "loss_ema", "seconds"]
@@ -76,6 +78,20 @@ def random_crops(tensors: list[torch.Tensor], size: int, gen: torch.Generator) -
     return [torch.stack([t[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))]) for t in tensors]
 
 
+def loss_weights(mr: torch.Tensor, fusion: torch.Tensor, uptake_weight: float, mask: list[torch.Tensor],
+                 lesion_mask_weight: float = 1.0, lesion_uptake_weight: float = 1.0) -> torch.Tensor | None:
+    """Per-pixel diffusion-loss weights (N,1,H,W): the uptake weights everywhere, times, inside the
+    lesion mask (`mask`: [] or [the cropped masks]), lesion_mask_weight and the uptake weights of
+    `lesion_uptake_weight`; None when all are 1."""
+    w = uptake_weights(mr, fusion, uptake_weight)
+    if mask and (lesion_mask_weight != 1.0 or lesion_uptake_weight != 1.0):
+        inside = lesion_mask_weight * (uptake_weights(mr, fusion, lesion_uptake_weight)
+                                       if lesion_uptake_weight != 1.0 else torch.ones_like(mask[0], dtype=torch.float32))
+        m = torch.where(mask[0], inside, torch.ones_like(inside))
+        w = m if w is None else w * m
+    return w
+
+
 def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str = "small", steps: int = 4000,
           batch_size: int = 8, crop: int = 128, lr: float = 2e-4, decay_start: float = 1.0, ema_decay: float = 0.999,
           schedule: str = "cosine", prediction: str = "v", timesteps: int = 1000, seed: int = 0,
@@ -83,10 +99,22 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
           log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250, limit: int | None = None,
           sample_steps: int = 8, sample_strength: float = 0.5, quiet: bool = False, stop_after: int | None = None,
           name: str = "t2fs2petfusion", version: str | None = None, lesion_weight: float = 1.0,
-          pix2pix_folds: list[str | Path] | None = None) -> dict:
+          pix2pix_folds: list[str | Path] | None = None, uptake_weight: float = 1.0,
+          lesion_mask_weight: float = 1.0, lesion_uptake_weight: float = 1.0,
+          phantom: str | Path | None = None) -> dict:
     """Train (or resume) the cDDPM and export OUT/model; returns a summary. `pix2pix_folds`:
     condition on out-of-fold generator outputs (`out_of_fold_outputs`) instead of `pix2pix`'s own;
-    `pix2pix` is still the generator exported with the model."""
+    `pix2pix` is still the generator exported with the model. `uptake_weight`: the loss on hot
+    pixels of the real fusion weighted up (`trainutil.uptake_weights`); it moves the estimate there
+    towards hot. `lesion_mask_weight`: the loss inside the lesion masks of the `phantom` export the
+    data set was built from weighted up; the mask is visible in the MR, so this spends more of the
+    network on lesions without moving the estimate. `lesion_uptake_weight`: the uptake weighting
+    inside the lesion masks only, which moves the lesion's estimate towards hot and nothing else."""
+    if lesion_mask_weight <= 0 or lesion_uptake_weight <= 0:
+        raise ValueError(f"lesion weights must be positive, got {lesion_mask_weight}, {lesion_uptake_weight}")
+    in_lesions = lesion_mask_weight != 1.0 or lesion_uptake_weight != 1.0
+    if in_lesions and phantom is None:
+        raise ValueError("a lesion mask weight needs the phantom export the data set was built from (phantom=)")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -96,6 +124,7 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     G, p2p_preset, p2p_state = load_generator(pix2pix, dev)
     train_set = load_split(data, "train", limit)
     preview = _preview_split(data)
+    masks = phantom_lesion_masks(phantom, train_set) if in_lesions else None
     cond_p2p = (out_of_fold_outputs(pix2pix_folds, train_set, dev) if pix2pix_folds
                 else pix2pix_outputs(G, train_set.mr, dev))
     preview_p2p = pix2pix_outputs(G, preview.mr, dev)
@@ -128,11 +157,14 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
             idx = next(it)
             # crops, timesteps and noise come from a per-step seed, so a resumed run replays them exactly
             step_gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            fusion, mr, p2p = random_crops([train_set.fusion[idx], train_set.mr[idx], cond_p2p[idx]], crop, step_gen)
+            fusion, mr, p2p, *mask = random_crops([train_set.fusion[idx], train_set.mr[idx], cond_p2p[idx]]
+                                                  + ([masks[idx]] if masks is not None else []), crop, step_gen)
             x0 = fusion.to(dev).contiguous(memory_format=torch.channels_last)
             cond = torch.cat([mr, p2p], 1).to(dev).contiguous(memory_format=torch.channels_last)
             with autocast(dev, amp):
-                loss = diffusion.loss(net, x0, cond, generator=step_gen)
+                loss = diffusion.loss(net, x0, cond, generator=step_gen,
+                                      weight=loss_weights(mr, fusion, uptake_weight, mask, lesion_mask_weight,
+                                                         lesion_uptake_weight))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -178,7 +210,10 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
                           **({"cddpm_condition": {"out_of_fold": [str(c) for c in pix2pix_folds]}} if pix2pix_folds else {}),
                           "cddpm": {"steps": step, "batch_size": batch_size, "crop": crop, "lr": lr,
                                     "decay_start": decay_start, "ema_decay": ema_decay, "seed": seed,
-                                    "lesion_weight": lesion_weight, "final_loss_ema": loss_ema},
+                                    "lesion_weight": lesion_weight, "uptake_weight": uptake_weight,
+                                    "lesion_mask_weight": lesion_mask_weight,
+                                    "lesion_uptake_weight": lesion_uptake_weight,
+                                    "final_loss_ema": loss_ema},
                           "device": str(dev)})
     return {"steps": step, "train_pairs": len(train_set), "loss": loss_v, "loss_ema": loss_ema,
             "model_dir": str(out / "model"), "version": card["version"]}
@@ -226,6 +261,13 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--lesion-weight", type=float, default=1.0,
                     help="draw pairs of studies with a lesion this many times as often (pairs.csv lesion=1)")
+    ap.add_argument("--uptake-weight", type=float, default=1.0,
+                    help="weight the loss on hot pixels of the real fusion 1 + (W-1) u^2 (u: its PET share)")
+    ap.add_argument("--lesion-mask-weight", type=float, default=1.0,
+                    help="weight the loss inside the phantom's lesion masks this many times (needs --phantom)")
+    ap.add_argument("--lesion-uptake-weight", type=float, default=1.0,
+                    help="inside the phantom's lesion masks only, weight hot pixels 1 + (W-1) u^2 (needs --phantom)")
+    ap.add_argument("--phantom", help="the `dicomnode phantom` export the data set was built from (lesion masks)")
     ap.add_argument("--version", help="model version string for the card")
     ap.add_argument("--pix2pix-folds", nargs="+", metavar="CKPT",
                     help="fold generators (pix2pix --holdout-fold 0..N-1): train on their out-of-fold outputs")
@@ -235,6 +277,8 @@ def main(argv=None) -> int:
                 timesteps=a.timesteps, seed=a.seed, device=a.device, amp=not a.no_amp, resume=a.resume,
                 stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
                 sample_steps=a.sample_steps, sample_strength=a.sample_strength, limit=a.limit, version=a.version,
-                lesion_weight=a.lesion_weight, pix2pix_folds=a.pix2pix_folds)
+                lesion_weight=a.lesion_weight, pix2pix_folds=a.pix2pix_folds,
+                uptake_weight=a.uptake_weight, lesion_mask_weight=a.lesion_mask_weight,
+                lesion_uptake_weight=a.lesion_uptake_weight, phantom=a.phantom)
     print(json.dumps(res))
     return 0

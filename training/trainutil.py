@@ -147,6 +147,14 @@ def uptake_map(mr: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
     return ((rgb.mean(1, keepdim=True) - 0.5 * grey) / 0.5).clamp(0.0, 1.0)
 
 
+def uptake_weights(mr: torch.Tensor, fusion: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Per-pixel loss weights 1 + (weight - 1) * u^2, u = `uptake_map` of the real fusion (N,1,H,W);
+    None for weight 1 (the plain loss). See `uptake_weighted_l1` for why u^2."""
+    if weight <= 0:
+        raise ValueError(f"uptake weight must be positive, got {weight}")
+    return None if weight == 1.0 else 1.0 + (weight - 1.0) * uptake_map(mr, fusion) ** 2
+
+
 def uptake_weighted_l1(pred: torch.Tensor, real: torch.Tensor, mr: torch.Tensor, weight: float,
                        weights_from: torch.Tensor | None = None) -> torch.Tensor:
     """L1 with each pixel weighted 1 + (weight - 1) * u^2, u = `uptake_map` of the real fusion, and
@@ -155,12 +163,10 @@ def uptake_weighted_l1(pred: torch.Tensor, real: torch.Tensor, mr: torch.Tensor,
     Why: under L1 a rare hot pixel the MR cannot fully explain is predicted at the median, and the
     lesion is under-shown; weighting the hot pixels moves the estimate up there. `weights_from`:
     take u from this fusion instead of `real` (for a loss already reduced to a per-pixel error)."""
-    if weight <= 0:
-        raise ValueError(f"uptake weight must be positive, got {weight}")
+    w = uptake_weights(mr, real if weights_from is None else weights_from, weight)
     err = (pred.float() - real.float()).abs()
-    if weight == 1.0:
+    if w is None:
         return err.mean()
-    w = 1.0 + (weight - 1.0) * uptake_map(mr, real if weights_from is None else weights_from) ** 2
     return (err * w).sum() / (w.sum() * err.shape[1])
 
 

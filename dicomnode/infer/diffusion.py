@@ -87,13 +87,19 @@ class Diffusion:
         eps = (x_t - a * x0) / s
         return x0, eps
 
-    def loss(self, model: nn.Module, x0, cond, generator: torch.Generator | None = None):
-        """Simple MSE loss on the eps or v target at uniformly drawn steps."""
+    def loss(self, model: nn.Module, x0, cond, generator: torch.Generator | None = None,
+             weight: torch.Tensor | None = None):
+        """Simple MSE loss on the eps or v target at uniformly drawn steps. `weight` (N,1,H,W):
+        per-pixel weights, the loss normalised by their sum (so all-ones is the plain MSE)."""
         b = x0.shape[0]
         t = torch.randint(0, self.timesteps, (b,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         out = model(self.q_sample(x0, t, noise), t, cond)
-        return torch.mean((out.float() - self.target(x0, t, noise).float()) ** 2)
+        err = (out.float() - self.target(x0, t, noise).float()) ** 2
+        if weight is None:
+            return err.mean()
+        w = weight.to(err.device, torch.float32).expand_as(err)
+        return (err * w).sum() / w.sum()
 
     # -- sampling ----------------------------------------------------------------------------
     def start(self, shape, init, strength: float, generator, device):
