@@ -331,4 +331,6 @@ def test_fold_generators_hold_out_their_fold_and_condition_the_cddpm_out_of_fold
     assert card["training"]["cddpm_condition"]["out_of_fold"] == [str(c) for c in ckpts]
     assert card["training"]["cddpm"]["uptake_weight"] == 4.0
     with pytest.raises(ValueError, match="phantom export"):
-        cddpm.train(data, ckpts[0], tmp_path / "ddpm2", preset="tiny", steps=1, lesion_mask_weight=3.0)
+        cddpm.train(data, ckpts[0], tmp_path / "ddpm2", preset="tiny", steps=1, lesion_uptake_weight=3.0)
+    with pytest.raises(ValueError, match="must be positive"):
+        cddpm.train(data, ckpts[0], tmp_path / "ddpm2", preset="tiny", steps=1, uptake_weight=0.0)

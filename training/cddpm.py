@@ -110,11 +110,13 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     data set was built from weighted up; the mask is visible in the MR, so this spends more of the
     network on lesions without moving the estimate. `lesion_uptake_weight`: the uptake weighting
     inside the lesion masks only, which moves the lesion's estimate towards hot and nothing else."""
-    if lesion_mask_weight <= 0 or lesion_uptake_weight <= 0:
-        raise ValueError(f"lesion weights must be positive, got {lesion_mask_weight}, {lesion_uptake_weight}")
+    if min(uptake_weight, lesion_mask_weight, lesion_uptake_weight) <= 0:
+        raise ValueError(f"loss weights must be positive, got uptake {uptake_weight}, lesion mask "
+                         f"{lesion_mask_weight}, lesion uptake {lesion_uptake_weight}")
     in_lesions = lesion_mask_weight != 1.0 or lesion_uptake_weight != 1.0
     if in_lesions and phantom is None:
-        raise ValueError("a lesion mask weight needs the phantom export the data set was built from (phantom=)")
+        raise ValueError("lesion mask and lesion uptake weights need the phantom export the data set was built "
+                         "from (phantom=), for its lesion masks")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
