@@ -93,7 +93,10 @@ def serve(config: Path = CONFIG_OPT) -> None:
         log.error("cannot start: [node].storage_dir %s: %s", cfg.node.storage_dir, exc)
         raise typer.Exit(1) from None
     log.info("dicomnode serving (config %s)", cfg.source)
-    stop.wait()
+    # A timed wait, not stop.wait(): the kernel may deliver SIGTERM to any of the node's threads;
+    # the Python handler then runs only when the main thread wakes, which a bare wait never does.
+    while not stop.wait(timeout=1.0):
+        pass
     log.info("stopping")
     node.stop()
 

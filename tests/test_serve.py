@@ -1,6 +1,8 @@
 """`dicomnode serve` as a real process: starts from a TOML file, answers DCMTK, exposes /metrics,
 and stops cleanly on SIGTERM."""
 
+import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -47,3 +49,25 @@ def test_serve_refuses_a_missing_model_with_a_clear_message(tmp_path, port):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3
     assert "cannot load the model" in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "tgkill"), reason="needs glibc's tgkill (Linux)")
+def test_serve_stops_when_sigterm_lands_on_another_thread(tmp_path, port):
+    """The kernel may hand a process-directed SIGTERM to any thread; the node must still stop
+    (a bare Event.wait() in the main thread never wakes to run the Python handler)."""
+    raw = make_raw_config(tmp_path, port, inference={"model": "none"}, series={"quiet_seconds": 1.0})
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config",
+                             str(write_toml(tmp_path / "node.toml", raw))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_node(proc, port, timeout=30)
+        workers = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        assert workers, "serve runs its listener and stages on threads"
+        assert ctypes.CDLL(None, use_errno=True).tgkill(proc.pid, workers[0], signal.SIGTERM) == 0
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "stopping" in out
