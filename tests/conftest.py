@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -24,10 +25,28 @@ def dcmtk(tool: str) -> str:
     pytest.skip(f"DCMTK {tool} not installed")
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range when there is room: a port
+    from that range can be taken as the source port of any outgoing connection (a DCMTK echo,
+    a C-STORE) between this check and the server's bind. Never the same port twice per session."""
+    low = int(_EPHEMERAL.read_text().split()[0]) if _EPHEMERAL.exists() else 32768
+    rng = random.Random()
+    for _ in range(200):
+        candidate = rng.randint(10000, low - 1) if low > 11000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            chosen = s.getsockname()[1]
+        if chosen not in _handed_out:
+            _handed_out.add(chosen)
+            return chosen
+    raise RuntimeError("no free loopback port found")
 
 
 @pytest.fixture

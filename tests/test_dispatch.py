@@ -35,8 +35,10 @@ class Sink:
         while time.time() < deadline:
             if run([dcmtk("echoscu"), "-aec", "SINK", "127.0.0.1", str(self.port)], check=False).returncode == 0:
                 return self
+            if self.proc.poll() is not None:  # it exited (port taken?): say so now, not after 10 s
+                break
             time.sleep(0.1)
-        raise RuntimeError("storescp did not start")
+        raise RuntimeError(f"storescp did not start on port {self.port} (exit status {self.proc.poll()})")
 
     def stop(self):
         if self.proc:
