@@ -90,11 +90,18 @@ def test_a_full_round_trip_uses_only_what_the_sandbox_allows(tmp_path, port):
             time.sleep(0.5)
     finally:
         daemon = run(["pgrep", "-P", str(node.pid)], check=False).stdout.split()  # strace's child
-        for pid in daemon or [str(node.pid)]:
-            os.kill(int(pid), signal.SIGTERM)
-        out, _ = node.communicate(timeout=120)
-        sink.terminate()
-        sink.wait(timeout=10)
+        try:
+            for pid in daemon or [str(node.pid)]:
+                os.kill(int(pid), signal.SIGTERM)
+            out, _ = node.communicate(timeout=120)
+        finally:  # a node that does not stop must not outlive the test, nor keep the sink running
+            if node.poll() is None:
+                for pid in daemon:
+                    os.kill(int(pid), signal.SIGKILL)
+                node.kill()
+                node.communicate()
+            sink.terminate()
+            sink.wait(timeout=10)
     assert node.returncode == 0, out
 
     text = trace.read_text(errors="replace")
