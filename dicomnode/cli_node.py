@@ -233,7 +233,7 @@ def queue_list(
     if not rows:
         typer.echo("no jobs" + (f" in state {', '.join(state)}" if state else ""))
         return
-    typer.echo(f"{'job':>6} {'state':<11} {'updated':<19} series / deliveries")
+    typer.echo(f"{'job':>6} {'state':<11} {'updated':<25} series / deliveries")
     for r in rows:
         dl = ", ".join(f"{k}={v['state']}({v['attempts']})" for k, v in r["deliveries"].items())
         typer.echo(f"{r['id']:>6} {r['state']:<11} {r['updated']} {r['series_instance_uid']}"
@@ -249,7 +249,8 @@ def queue_retry(
     all_dead: bool = typer.Option(False, "--all-dead", help="Retry every dead-letter job."),
     all_failed: bool = typer.Option(False, "--all-failed", help="Re-process every failed job."),
 ) -> None:
-    """Re-drive jobs: dead-letter deliveries are queued again, failed jobs are processed again."""
+    """Re-drive jobs: dead-letter deliveries are queued again (each destination gets only the
+    instances it has not acknowledged), failed jobs are processed again."""
     from dicomnode.journal import TransitionError
 
     _, journal = _journal(config)
@@ -265,6 +266,28 @@ def queue_retry(
     for job_id in ids:
         try:
             typer.echo(f"job {job_id}: {journal.retry(job_id)}")
+        except TransitionError as exc:
+            typer.echo(f"job {job_id}: {exc}", err=True)
+            code = 1
+    raise typer.Exit(code)
+
+
+@queue_app.command("resend")
+def queue_resend(
+    job_ids: List[int] = typer.Argument(..., help="Jobs whose results are sent again."),
+    config: Path = CONFIG_OPT,
+    destination: Optional[List[str]] = typer.Option(None, "--destination", help="Only to this destination "
+                                                    "(repeatable; default: every destination of the job)."),
+) -> None:
+    """Send every result instance of done (or dead-letter) jobs again, also those a destination
+    has already acknowledged: the one way a destination receives an instance twice."""
+    from dicomnode.journal import TransitionError
+
+    _, journal = _journal(config)
+    code = 0
+    for job_id in job_ids:
+        try:
+            typer.echo(f"job {job_id}: {journal.resend(job_id, destination or None)}")
         except TransitionError as exc:
             typer.echo(f"job {job_id}: {exc}", err=True)
             code = 1
@@ -391,11 +414,11 @@ def audit(
     if not rows:
         typer.echo("no events" + (f" for series {series}" if series else ""))
         return
-    typer.echo(f"{'time':<19} {'job':>5}  {'event':<22} series / detail")
+    typer.echo(f"{'time':<25} {'job':>5}  {'event':<22} series / detail")
     for row in rows:
-        typer.echo(f"{row['time']:<19} {row['job_id'] or '-':>5}  {row['kind']:<22} {row['series_uid'] or ''}")
+        typer.echo(f"{row['time']:<25} {row['job_id'] or '-':>5}  {row['kind']:<22} {row['series_uid'] or ''}")
         if row["detail"]:
-            typer.echo(f"{'':<19} {'':>5}  {'':<22} {row['detail']}")
+            typer.echo(f"{'':<25} {'':>5}  {'':<22} {row['detail']}")
 
 
 @config_app.command("check")
@@ -433,7 +456,10 @@ def config_check(config: Path = CONFIG_OPT) -> None:
 
 
 def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+    """Local time with its UTC offset, to the second."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
 
 
 def register(app: typer.Typer) -> None:

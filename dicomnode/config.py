@@ -147,6 +147,13 @@ class DestinationConfig(Section):
     port: Port = 104
     tls: bool = False
     ca_file: FilePath | None = None
+    max_associations: Annotated[int, Field(ge=1, le=16)] = 2  # deliveries (one job each) in flight at once
+    # Seconds, chosen so a dead or silent peer is noticed in seconds: the TCP connection, the
+    # A-ASSOCIATE-AC (or A-RELEASE-RP), each C-STORE response, and any PDU at all.
+    connect_timeout: Positive = 5.0
+    acse_timeout: Positive = 10.0
+    dimse_timeout: Positive = 30.0
+    network_timeout: Positive = 60.0
 
     @field_validator("ca_file")
     @classmethod
@@ -161,7 +168,6 @@ class DispatchConfig(Section):
     backoff_initial_seconds: Positive = 30.0
     backoff_max_seconds: Positive = 3600.0
     give_up_after_seconds: Positive = 86400.0  # then the delivery goes to the dead letter
-    timeout_seconds: Positive = 60.0
 
     @field_validator("calling_ae_title")
     @classmethod

@@ -1,21 +1,32 @@
 """Dispatch: deliver a job's encoded files to every configured destination.
 
-Each destination has its own delivery row in the journal. A failed attempt is retried with
+Each destination has its own delivery row in the journal and its own pool of sending threads,
+at most `max_associations` of them (one association, one job each): deliveries to different
+destinations, and of different jobs, proceed at once, and a destination that never answers
+holds up only its own pool.
+
+The journal records each result instance a destination acknowledges, before the next one is
+sent; an attempt sends only the instances not yet acknowledged, so an association lost after k
+of n instances is followed by a retry of the other n - k. A failed attempt is retried with
 capped exponential backoff and jitter; once the next attempt would fall past
 `give_up_after_seconds` from the first, the delivery goes to the dead letter (re-driven by
-`dicomnode queue retry`). Dispatch knows nothing about images: it sends files.
+`dicomnode queue retry`; `dicomnode queue resend` sends every instance again). Dispatch knows
+nothing about images: it sends files, named by their SOP Instance UID (`process.output_name`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from dicomnode.config import Config, DestinationConfig
 from dicomnode.journal import Delivery, Journal
-from dicomnode.scu import AssociationFailed, client_tls_context, collect_files, store_files
+from dicomnode.scu import AssociationFailed, Timeouts, client_tls_context, collect_files, store_files
 
 log = logging.getLogger("dicomnode.dispatch")
 
@@ -26,20 +37,71 @@ def backoff_delay(attempts: int, initial: float, cap: float, rng: random.Random 
     return base * (0.5 + 0.5 * (rng or random).random())
 
 
+def timeouts(dest: DestinationConfig) -> Timeouts:
+    return Timeouts(dest.connect_timeout, dest.acse_timeout, dest.dimse_timeout, dest.network_timeout)
+
+
 class Dispatcher:
-    def __init__(self, cfg: Config, journal: Journal, metrics=None):
+    """`run_due` (the node's dispatch loop) hands due deliveries to their destination's pool and
+    returns at once; `attempt` is one delivery attempt, on the calling thread. `on_slot_free` is
+    called when an attempt in a pool ends, so the loop can start the next one without waiting
+    for its tick."""
+
+    def __init__(self, cfg: Config, journal: Journal, metrics=None, on_slot_free: Callable[[], None] | None = None):
         self.cfg = cfg
         self.journal = journal
         self.metrics = metrics
+        self.on_slot_free = on_slot_free
         self.destinations = {d.name: d for d in cfg.destinations}
         self._rng = random.Random()
+        self._lock = threading.Lock()
+        self._in_flight: set[tuple[int, str]] = set()  # (job id, destination) being attempted
+        self._pools: dict[str, ThreadPoolExecutor] = {}
 
     def run_due(self, now: float | None = None) -> int:
-        """Attempt every delivery that is due; return how many were attempted."""
-        attempted = 0
+        """Start every due delivery whose destination has a free slot; return how many started."""
+        started = 0
         for delivery in self.journal.due_deliveries(time.time() if now is None else now):
-            attempted += self.attempt(delivery) is not None
-        return attempted
+            dest = self.destinations.get(delivery.destination)
+            key = (delivery.job_id, delivery.destination)
+            if dest is None:  # no pool to wait for: it is dead-lettered at once, saying why
+                started += self.attempt(delivery) is not None
+                continue
+            with self._lock:
+                busy = sum(1 for _, name in self._in_flight if name == dest.name)
+                if key in self._in_flight or busy >= dest.max_associations:
+                    continue
+                self._in_flight.add(key)
+                pool = self._pools.get(dest.name)
+                if pool is None:
+                    pool = self._pools[dest.name] = ThreadPoolExecutor(
+                        dest.max_associations, thread_name_prefix=f"dicomnode-send-{dest.name}")
+            pool.submit(self._attempt_in_pool, delivery, key)
+            started += 1
+        return started
+
+    def _attempt_in_pool(self, delivery: Delivery, key: tuple[int, str]) -> None:
+        try:
+            self.attempt(delivery)
+        except Exception:  # the journal could not record the outcome: the delivery stays due
+            log.exception("job %d: delivery to %s could not be recorded", *key)
+        finally:
+            with self._lock:
+                self._in_flight.discard(key)
+            if self.on_slot_free is not None:
+                self.on_slot_free()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def stop(self, wait: bool = True) -> None:
+        """Start nothing more; with `wait`, let the attempts under way end (each is bounded by its
+        destination's timeouts)."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=wait, cancel_futures=True)
 
     def attempt(self, delivery: Delivery) -> bool | None:
         """One delivery attempt: True delivered, False failed; None when the job is not sending."""
@@ -47,25 +109,31 @@ class Dispatcher:
         dest = self.destinations.get(delivery.destination)
         if job is None or job.state != "sending":
             return None
+        current = next((d for d in self.journal.deliveries(job.id) if d.destination == delivery.destination), None)
+        if current is None or current.state != "pending":  # settled meanwhile (e.g. a purge, a dead letter)
+            return None
         started = time.perf_counter()
+        sent: list[int] = [0, 0]  # [already acknowledged before this attempt, sent now]
         if dest is None:
-            error = f"destination {delivery.destination!r} is no longer configured"
+            error: str | None = f"destination {delivery.destination!r} is no longer configured"
         else:
             try:
-                error = self._send(dest, Path(job.output_dir or ""))
+                error = self._send(job.id, dest, Path(job.output_dir or ""), sent)
             except Exception as exc:  # any failure takes the backoff / dead-letter path
                 error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - started
         if error is None:
             state = self.journal.record_attempt(job.id, delivery.destination, ok=True)
-            log.info("job %d: delivered to %s in %.2f s", job.id, delivery.destination, seconds)
+            resumed = f"; {sent[0]} acknowledged before" if sent[0] else ""
+            log.info("job %d: delivered to %s in %.2f s (%d instances sent%s)", job.id, delivery.destination,
+                     seconds, sent[1], resumed)
             self._count(delivery.destination, "delivered")
             if self.metrics and state == "done":
                 self.metrics.jobs_finished.labels("done").inc()
                 self.metrics.stage_seconds.labels("dispatch").observe(seconds)
             return True
-        attempts = delivery.attempts + 1
-        first = delivery.first_attempt_at or time.time()
+        attempts = current.attempts + 1
+        first = current.first_attempt_at or time.time()
         d = self.cfg.dispatch
         delay = backoff_delay(attempts, d.backoff_initial_seconds, d.backoff_max_seconds, self._rng)
         dead = (time.time() + delay - first) > d.give_up_after_seconds or dest is None
@@ -82,20 +150,32 @@ class Dispatcher:
             self.metrics.jobs_finished.labels("dead_letter").inc()
         return False
 
-    def _send(self, dest: DestinationConfig, folder: Path) -> str | None:
+    def _send(self, job_id: int, dest: DestinationConfig, folder: Path, sent: list[int]) -> str | None:
+        """Send the job's results that `dest` has not acknowledged; None when it has them all."""
         try:
             files = collect_files([folder])
         except FileNotFoundError:
             return f"output folder missing: {folder}"
         if not files:
             return f"no files to send in {folder}"
+        acknowledged = self.journal.delivered_instances(job_id, dest.name)
+        todo = [f for f in files if f.stem not in acknowledged]
+        sent[0] = len(files) - len(todo)
+        if not todo:
+            return None
+
+        def progress(path: Path, stored: bool) -> None:
+            if stored:  # committed before the next instance goes out
+                self.journal.record_instance_delivered(job_id, dest.name, path.stem)
+                sent[1] += 1
+
         tls = client_tls_context(dest.ca_file) if dest.tls else None
         calling = self.cfg.dispatch.calling_ae_title or self.cfg.node.ae_title
         try:
-            report = store_files(files, dest.host, dest.port, dest.ae_title, calling,
-                                 timeout=self.cfg.dispatch.timeout_seconds, tls=tls)
+            report = store_files(todo, dest.host, dest.port, dest.ae_title, calling, timeout=timeouts(dest), tls=tls,
+                                 on_progress=progress)
         except (AssociationFailed, OSError) as exc:
-            return str(exc)
+            return f"{exc} ({sent[0] + sent[1]} of {len(files)} instances acknowledged)"
         if not report.ok:
             path, why = report.failed[0]
             return f"{len(report.failed)} of {len(files)} instances not stored (first: {Path(path).name}: {why})"

@@ -8,8 +8,10 @@ insert is committed before the handler returns success.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import enum
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -123,9 +125,23 @@ def _job_attempts(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
 
+def _delivered_instances(db: sqlite3.Connection) -> None:
+    """Schema 3: which result instances each destination has acknowledged, so a retry sends only
+    the others. Rows go with their delivery (a purge, or new results for the job)."""
+    db.execute("""
+        CREATE TABLE delivered_instances (
+            job_id INTEGER NOT NULL,
+            destination TEXT NOT NULL,
+            sop_instance_uid TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (job_id, destination, sop_instance_uid),
+            FOREIGN KEY (job_id, destination) REFERENCES deliveries(job_id, destination) ON DELETE CASCADE
+        )""")
+
+
 # Ordered migrations: MIGRATIONS[i] takes a journal from schema i to i + 1. PRAGMA user_version
 # holds the schema number. Append only; never edit a released migration.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_baseline, _job_attempts)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_baseline, _job_attempts, _delivered_instances)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -184,9 +200,12 @@ class Instance:
 
 @dataclass(frozen=True)
 class Delivery:
+    """One job's results on their way to one destination. `state`: pending (due at
+    `next_attempt_at`), delivered, or dead_letter (given up; `queue retry` re-queues it)."""
+
     job_id: int
     destination: str
-    state: str  # pending | delivered | dead_letter
+    state: str
     attempts: int
     first_attempt_at: float | None
     next_attempt_at: float
@@ -261,19 +280,23 @@ class Journal:
             return db
 
         def __exit__(self, exc_type, exc, tb):
-            db = self.journal.db
+            journal = self.journal
+            db = journal.db
+            committed = False
             try:
                 if exc_type:
                     db.execute("ROLLBACK")
                 else:
                     try:
                         db.execute("COMMIT")
+                        committed = True
                     except BaseException:
                         with contextlib.suppress(sqlite3.Error):
                             db.execute("ROLLBACK")  # leave this thread's connection usable
                         raise
             finally:
-                self.journal._write_lock.release()
+                journal._write_lock.release()
+                journal._end_audit(committed)
             return False
 
     def _tx(self) -> "Journal._Tx":
@@ -304,20 +327,38 @@ class Journal:
                     del self._series_locks[series_uid]
 
     def _event(self, db: sqlite3.Connection, job_id: int | None, kind: str, detail: str | None = None) -> None:
+        """Record an event in the open transaction. Its line for the audit file waits in this
+        thread's list until the transaction ends: written if it committed, dropped if not, so the
+        file never tells of a change that did not happen."""
         at = time.time()
         db.execute("INSERT INTO events(at, job_id, kind, detail) VALUES (?, ?, ?, ?)", (at, job_id, kind, detail))
         if self.audit_file is not None:
             row = db.execute("SELECT series_uid, generation FROM jobs WHERE id=?", (job_id,)).fetchone()
-            line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}",
-                    "job_id": job_id, "series_uid": row["series_uid"] if row else None,
-                    "generation": row["generation"] if row else None, "event": kind, "detail": detail}
-            try:
-                with open(self.audit_file, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(line) + "\n")
-            except OSError as exc:  # the journal keeps the event; the file is a convenience copy
-                import logging
+            self._audit_pending().append({
+                "time": iso_time(at), "job_id": job_id, "series_uid": row["series_uid"] if row else None,
+                "generation": row["generation"] if row else None, "event": kind, "detail": detail})
 
-                logging.getLogger("dicomnode.journal").error("cannot append to the audit file: %s", exc)
+    def _audit_pending(self) -> list[dict]:
+        pending = getattr(self._local, "audit", None)
+        if pending is None:
+            pending = self._local.audit = []
+        return pending
+
+    def _end_audit(self, committed: bool, keep: int = 0) -> None:
+        """The transaction ended: append its events to the audit file if it committed; drop
+        them if not. `keep` > 0 drops only the events after the first `keep` (a savepoint)."""
+        pending = self._audit_pending()
+        if not committed:
+            del pending[keep:]
+            return
+        lines, pending[:] = list(pending), []
+        if not lines or self.audit_file is None:
+            return
+        try:
+            with open(self.audit_file, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(line) + "\n" for line in lines))
+        except OSError as exc:  # the journal keeps the events; the file is a convenience copy
+            logging.getLogger("dicomnode.journal").error("cannot append to the audit file: %s", exc)
 
     # -- instances --------------------------------------------------------------------------
     def record_instance(self, inst: Instance, late_policy: str = "reprocess") -> tuple[int | None, bool]:
@@ -347,18 +388,22 @@ class Journal:
 
     def _record_batch(self, batch: list["_Queued"]) -> None:
         db = self.db
+        committed = False
         try:
             db.execute("BEGIN IMMEDIATE")
             for item in batch:
                 db.execute("SAVEPOINT instance")
+                events_before = len(self._audit_pending())
                 try:
                     item.result = self._record_one(db, item.inst, item.late_policy)
                     db.execute("RELEASE instance")
                 except Exception as exc:
                     db.execute("ROLLBACK TO instance")
                     db.execute("RELEASE instance")
+                    self._end_audit(False, keep=events_before)
                     item.error = exc
             db.execute("COMMIT")
+            committed = True
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")  # leave this thread's connection usable
@@ -367,6 +412,7 @@ class Journal:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            self._end_audit(committed)
             for item in batch:
                 item.done = True
 
@@ -572,6 +618,42 @@ class Journal:
             return "sending"
         return self.transition(job_id, "dead_letter" if "dead_letter" in states else "done", expect="sending").state
 
+    def record_instance_delivered(self, job_id: int, destination: str, sop_instance_uid: str) -> None:
+        """The destination answered success for this result instance: committed before the next
+        instance is sent, so no retry sends it again."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO delivered_instances(job_id, destination, sop_instance_uid, at)"
+                       " VALUES (?, ?, ?, ?)", (job_id, destination, sop_instance_uid, time.time()))
+
+    def delivered_instances(self, job_id: int, destination: str) -> set[str]:
+        """SOP Instance UIDs of the job's results that the destination has acknowledged."""
+        rows = self.db.execute("SELECT sop_instance_uid FROM delivered_instances WHERE job_id=? AND destination=?",
+                               (job_id, destination))
+        return {r[0] for r in rows}
+
+    def resend(self, job_id: int, destinations: list[str] | None = None) -> str:
+        """An operator asks for results to be sent again, all of them, also those a destination
+        has acknowledged: the job's deliveries (or those to `destinations`) start afresh."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise TransitionError(f"job {job_id} does not exist")
+            if row["state"] not in ("done", "dead_letter", "sending"):
+                raise TransitionError(f"job {job_id} is {row['state']}; only done, sending or dead_letter jobs "
+                                      "have results to send again")
+            names = [r[0] for r in db.execute("SELECT destination FROM deliveries WHERE job_id=?", (job_id,))]
+            names = [n for n in names if destinations is None or n in destinations]
+            if not names:
+                raise TransitionError(f"job {job_id} has no delivery to {', '.join(destinations or []) or 'any destination'}")
+            for name in names:
+                db.execute("DELETE FROM delivered_instances WHERE job_id=? AND destination=?", (job_id, name))
+                db.execute("UPDATE deliveries SET state='pending', attempts=0, first_attempt_at=NULL, delivered_at=NULL,"
+                           " next_attempt_at=? WHERE job_id=? AND destination=?", (now, job_id, name))
+            db.execute("UPDATE jobs SET state='sending', updated_at=? WHERE id=?", (now, job_id))
+            self._event(db, job_id, "sending", f"resend of every instance requested: {', '.join(names)}")
+        return "sending"
+
     def retry(self, job_id: int) -> str:
         """Re-drive a job: dead-letter deliveries are re-queued; a failed job is processed again."""
         job = self.job(job_id)
@@ -614,3 +696,8 @@ class Journal:
         rows = self.db.execute("SELECT * FROM jobs WHERE state IN ('done','ignored','failed') AND purged_at IS NULL"
                                " AND updated_at < ? ORDER BY id", (older_than,)).fetchall()
         return (Job.from_row(r) for r in rows)
+
+
+def iso_time(at: float) -> str:
+    """ISO 8601 local time with milliseconds and the UTC offset, e.g. 2026-12-06T04:10:00.123+01:00."""
+    return datetime.datetime.fromtimestamp(at).astimezone().isoformat(timespec="milliseconds")

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from dicomnode import netinternals
 from dicomnode.assemble import Assembler
 from dicomnode.config import Config, InferenceConfig
 from dicomnode.dispatch import Dispatcher
@@ -37,6 +38,7 @@ ASSEMBLER_TICK = 0.1
 WORKER_TICK = 0.5
 DISPATCH_TICK = 0.25
 TRIM_INTERVAL = 60.0
+STOP_GRACE_SECONDS = 5.0  # for deliveries under way when the node stops
 
 
 class StartError(RuntimeError):
@@ -112,7 +114,7 @@ class Node:
         self.engine = self._make_engine(processor, on_progress) if processor is not None else None
         self.worker = ProcessStage(cfg.inference, self.journal, self.spool, self.engine,
                                    [d.name for d in cfg.destinations], self.metrics) if self.engine else None
-        self.dispatcher = Dispatcher(cfg, self.journal, self.metrics)
+        self.dispatcher = Dispatcher(cfg, self.journal, self.metrics, on_slot_free=lambda: self._wake("dispatcher"))
         self._serve_metrics = serve_metrics and cfg.metrics.enabled
         self._stop = threading.Event()
         self._loops: list[_Loop] = []
@@ -198,6 +200,10 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Node":
+        try:
+            netinternals.check()
+        except netinternals.PynetdicomIncompatible as exc:
+            raise StartError(str(exc)) from None
         heap.limit_arenas(2)
         self.assembler.started_at = time.time()
         orphans = self.spool.remove_orphans()
@@ -286,6 +292,7 @@ class Node:
             loop.wake.set()
         for loop in self._loops:
             loop.join(timeout=10)
+        self._stop_dispatch()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self._metrics_server is not None:
@@ -295,6 +302,15 @@ class Node:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self.journal.close()
+
+    def _stop_dispatch(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Start no delivery; give those under way `grace` seconds to end. One still waiting on a
+        silent peer then ends on its own within that destination's timeouts, and records its
+        outcome; a process that exits waits for it."""
+        self.dispatcher.stop(wait=False)
+        deadline = time.monotonic() + grace
+        while self.dispatcher.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no job is active (for tests and the demo)."""

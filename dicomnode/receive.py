@@ -238,7 +238,8 @@ class StoreSCP:
                       self.cfg.node.min_free_disk_mb)
             return STATUS_OUT_OF_RESOURCES
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
-        with self.journal.series_lock(series_uid):  # retention cannot remove it between write and journal
+        # retention (or a `queue purge` in another process) cannot remove it between write and journal
+        with self.journal.series_lock(series_uid), self.spool.storing():
             try:
                 size = write_atomic(path, [part10_header(sop_class, sop_uid, transfer_syntax), encoded], uncache=True)
             except OSError as exc:

@@ -21,10 +21,11 @@ log = logging.getLogger("dicomnode.retention")
 def remove_job_files(journal: Journal, spool: Spool, job: Job) -> None:
     """Remove a finished job's outputs and, unless another job of its series is still active,
     the series' received files and instance rows. Holds the series lock, so an instance that
-    arrives meanwhile is either removed before it is stored or stored after the removal."""
+    arrives meanwhile is either removed before it is stored or stored after the removal; the
+    spool's removal lock does the same against a node in another process (`queue purge`)."""
     if job.output_dir:
         spool.remove_tree(Path(job.output_dir))
-    with journal.series_lock(job.series_uid):
+    with journal.series_lock(job.series_uid), spool.removing():
         if not journal.series_has_active_job(job.series_uid):
             spool.remove_tree(spool.series_dir(job.study_uid, job.series_uid))
             journal.forget_series_instances(job.series_uid)

@@ -13,10 +13,13 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicomnode.netinternals import keep_responses_for_sender
+
 log = logging.getLogger("dicomnode.scu")
 
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})  # stored, with a warning: counts as stored
 MAX_CONTEXTS = 128
+NO_RESPONSE = "no response"
 
 
 class AssociationFailed(ConnectionError):
@@ -45,24 +48,49 @@ def client_tls_context(ca_file: str | Path | None = None, cert_file: str | Path 
     return ctx
 
 
-def _ae(calling_aet: str, timeout: float) -> AE:
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait: for the TCP connection (`connect`), the A-ASSOCIATE-AC or A-RELEASE-RP
+    (`acse`), each DIMSE response (`dimse`), and any PDU at all (`network`)."""
+
+    connect: float = 5.0
+    acse: float = 10.0
+    dimse: float = 30.0
+    network: float = 60.0
+
+    @classmethod
+    def of(cls, timeout: "float | Timeouts") -> "Timeouts":
+        """A Timeouts as it is, or one number for all four."""
+        return timeout if isinstance(timeout, Timeouts) else cls(timeout, timeout, timeout, timeout)
+
+
+def _ae(calling_aet: str, timeout: "float | Timeouts") -> AE:
+    t = Timeouts.of(timeout)
     ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.connection_timeout, ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = t.connect, t.acse, t.dimse, t.network
     return ae
+
+
+def _associate(ae: AE, host: str, port: int, called_aet: str, tls: ssl.SSLContext | None):
+    """An established association on which only the sending thread reads responses, or
+    AssociationFailed saying why not."""
+    assoc = ae.associate(host, port, ae_title=called_aet, **_tls_args(tls))
+    if not assoc.is_established:
+        raise AssociationFailed(_why_not(assoc, host, port, called_aet))
+    keep_responses_for_sender(assoc)
+    return assoc
 
 
 def _tls_args(tls: ssl.SSLContext | None) -> dict:
     return {"tls_args": (tls, None)} if tls is not None else {}
 
 
-def echo(host: str, port: int, called_aet: str, calling_aet: str = "DICOMNODE", timeout: float = 10.0,
+def echo(host: str, port: int, called_aet: str, calling_aet: str = "DICOMNODE", timeout: float | Timeouts = 10.0,
          tls: ssl.SSLContext | None = None) -> int:
     """C-ECHO the peer; return the DIMSE status (0 on success). Raise AssociationFailed."""
     ae = _ae(calling_aet, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_aet, **_tls_args(tls))
-    if not assoc.is_established:
-        raise AssociationFailed(_why_not(assoc, host, port, called_aet))
+    assoc = _associate(ae, host, port, called_aet, tls)
     try:
         status = assoc.send_c_echo()
         if not status:
@@ -91,12 +119,15 @@ def _context_of(path: Path) -> tuple[str, str]:
 
 
 def store_files(paths: Sequence[Path], host: str, port: int, called_aet: str, calling_aet: str = "DICOMNODE",
-                timeout: float = 60.0, tls: ssl.SSLContext | None = None,
-                on_progress: Callable[[Path, int], None] | None = None) -> StoreReport:
+                timeout: float | Timeouts = 60.0, tls: ssl.SSLContext | None = None,
+                on_progress: Callable[[Path, bool], None] | None = None) -> StoreReport:
     """C-STORE each file as it is on disk (no re-encoding); warnings count as stored.
 
-    Files that are not DICOM are reported as failed, not sent. Raises AssociationFailed when
-    no association can be made, so a caller can retry the whole batch later.
+    `on_progress(path, stored)` is called after each file's response (or failure), before the
+    next file is sent: a caller that records the stored ones knows, if the association is lost
+    later, exactly which files the peer has. Files that are not DICOM are reported as failed,
+    not sent. Raises AssociationFailed when no association can be made or it is lost, so a
+    caller can retry later.
     """
     report = StoreReport()
     contexts: dict[tuple[str, str], list[Path]] = {}
@@ -111,37 +142,43 @@ def store_files(paths: Sequence[Path], host: str, port: int, called_aet: str, ca
         ae = _ae(calling_aet, timeout)
         for sop_class, ts in batch:
             ae.add_requested_context(sop_class, ts)
-        assoc = ae.associate(host, port, ae_title=called_aet, **_tls_args(tls))
-        if not assoc.is_established:
-            raise AssociationFailed(_why_not(assoc, host, port, called_aet))
+        assoc = _associate(ae, host, port, called_aet, tls)
+        lost = False
         try:
             for key in batch:
                 for path in contexts[key]:
-                    _store_one(assoc, path, report)
+                    stored = _store_one(assoc, path, report)
                     if on_progress:
-                        on_progress(path, 0)
-                    if not assoc.is_established:
+                        on_progress(path, stored)
+                    # No response at all: the connection closed, or the DIMSE timeout passed. This
+                    # association is finished either way (pynetdicom may not say so yet), and a
+                    # next request on it would only wait out the timeout again.
+                    lost = not assoc.is_established or report.failed[-1:] == [(str(path), NO_RESPONSE)]
+                    if lost:
                         raise AssociationFailed(f"association with {called_aet}@{host}:{port} was lost")
         finally:
             if assoc.is_established:
-                assoc.release()
+                assoc.abort() if lost else assoc.release()
     return report
 
 
-def _store_one(assoc, path: Path, report: StoreReport) -> None:
+def _store_one(assoc, path: Path, report: StoreReport) -> bool:
+    """C-STORE one file; True when the peer stored it."""
     try:
         status = assoc.send_c_store(path)
     except (ValueError, RuntimeError) as exc:  # e.g. no accepted context for this file
         report.failed.append((str(path), str(exc)))
-        return
+        return False
     code = int(status.Status) if status and "Status" in status else None
     if code == 0:
         report.stored += 1
-    elif code in WARNING_STATUSES:
+        return True
+    if code in WARNING_STATUSES:
         report.stored += 1
         report.warnings += 1
-    else:
-        report.failed.append((str(path), "no response" if code is None else f"status 0x{code:04X}"))
+        return True
+    report.failed.append((str(path), NO_RESPONSE if code is None else f"status 0x{code:04X}"))
+    return False
 
 
 def _why_not(assoc, host: str, port: int, called_aet: str) -> str:

@@ -9,13 +9,14 @@ peer sends can escape the spool.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import struct
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from pydicom import Dataset
 
@@ -29,8 +30,12 @@ class InvalidUID(ValueError):
 def check_uid(uid: object, what: str) -> str:
     """Return `uid` as a str if it is a syntactically safe DICOM UID, else raise InvalidUID."""
     text = str(uid or "").strip().rstrip("\x00")
-    if not text or len(text) > 64 or not UID_RE.fullmatch(text):
-        raise InvalidUID(f"{what} is not a valid UID: {text[:80]!r}")
+    if not text:
+        raise InvalidUID(f"{what} is missing or empty")
+    if len(text) > 64:
+        raise InvalidUID(f"{what} is not a valid UID: {len(text)} characters, at most 64 allowed")
+    if not UID_RE.fullmatch(text):  # the value is not logged: a name typed into a UID field is PHI
+        raise InvalidUID(f"{what} is not a valid UID: it is not digits separated by dots")
     return text
 
 
@@ -138,6 +143,42 @@ class Spool:
         self.outgoing = self.root / "out"
         for d in (self.root, self.incoming, self.outgoing):
             d.mkdir(parents=True, exist_ok=True)
+        self._lock_path = self.root / ".removal.lock"
+        self._lock_files = threading.local()
+
+    # -- storing against removing, across processes ----------------------------------------------
+    # An instance is written to the spool, then recorded in the journal, then acknowledged.
+    # Whoever removes received files (retention in the node, `queue purge` in another process)
+    # must not do so between that write and that record, or an acknowledged instance would be
+    # recorded without its file. A flock(2) on one file settles it between processes: storing
+    # holds it shared (each thread through its own open file, so they do not serialise),
+    # removing holds it exclusively. Within the node, `Journal.series_lock` also orders the two.
+    def _lock_file(self):
+        fh = getattr(self._lock_files, "fh", None)
+        if fh is None:  # closed with the thread's locals when the thread ends
+            fh = self._lock_files.fh = open(self._lock_path, "a+b")  # noqa: SIM115
+        return fh
+
+    @contextlib.contextmanager
+    def storing(self) -> Iterator[None]:
+        """Held while an instance is written and recorded (shared: stores do not wait for each other)."""
+        fh = self._lock_file()
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def removing(self) -> Iterator[None]:
+        """Held while received files are checked and removed: waits for stores in progress and
+        holds new ones back until it is released."""
+        fh = self._lock_file()
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
     def remove_orphans(self) -> int:
         """Delete the temporary files of writes that a crash interrupted (they were never

@@ -24,8 +24,7 @@ def make_raw_config(tmp_path: Path, port: int, **sections) -> dict:
                  "min_free_disk_mb": 1},
         "series": {"quiet_seconds": 3.0},
         "metrics": {"enabled": False},
-        "dispatch": {"backoff_initial_seconds": 0.3, "backoff_max_seconds": 1.0, "give_up_after_seconds": 60.0,
-                     "timeout_seconds": 10.0},
+        "dispatch": {"backoff_initial_seconds": 0.3, "backoff_max_seconds": 1.0, "give_up_after_seconds": 60.0},
     }
     for name, values in sections.items():
         if isinstance(values, dict):

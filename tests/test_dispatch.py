@@ -2,6 +2,7 @@
 
 import random
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -158,3 +159,116 @@ def test_warning_statuses_count_as_stored(tmp_path, port, warning):
             assert d.state == "delivered" and d.attempts == 1
     finally:
         server.shutdown()
+
+
+class CountingSink:
+    """A pynetdicom storage SCP that records every arrival (duplicates included) and, once, cuts
+    the connection when instance `cut_after + 1` arrives, before storing or answering it."""
+
+    def __init__(self, cut_after: int | None = None):
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.arrivals: list[str] = []
+        self.cut_after, self.cut = cut_after, False
+        ae = AE(ae_title="SINK")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+
+    def on_store(self, event) -> int:
+        if self.cut_after is not None and not self.cut and len(self.arrivals) == self.cut_after:
+            self.cut = True
+            event.assoc.dul.socket.close()  # as a crashing PACS or a dropped link would
+            return 0xC001
+        self.arrivals.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def stop(self):
+        self.server.shutdown()
+
+
+class BlackHole:
+    """Accepts TCP connections and never answers (a PACS whose process hangs)."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.held: list = []
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def stop(self):
+        self.stopping = True
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def dest(name, port, **extra):
+    return {"name": name, "ae_title": "SINK", "host": "127.0.0.1", "port": port, **extra}
+
+
+def test_a_retry_sends_only_what_the_destination_has_not_acknowledged(tmp_path, port):
+    sink = CountingSink(cut_after=3)
+    try:
+        raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 1.0, "settle_seconds": 0.1},
+                              destinations=[dest("pacs", sink.port)])
+        toml = write_toml(tmp_path / "node.toml", raw)
+        with Node(config_from_dict(raw), CopyProcessor()) as node:
+            send_series(port, tmp_path, slices=8)
+            assert wait_for(lambda: node.journal.jobs() and node.journal.jobs()[0].state == "done", 30)
+            (d,) = node.journal.deliveries()
+            assert sink.cut and d.attempts == 2
+            assert len(node.journal.delivered_instances(d.job_id, "pacs")) == 8
+        assert len(sink.arrivals) == 8 and len(set(sink.arrivals)) == 8  # each once: 3, cut, then the other 5
+        # An operator may ask for everything again: the one way a destination receives an instance twice.
+        r = CliRunner().invoke(app, ["queue", "resend", "--config", str(toml), str(d.job_id)])
+        assert r.exit_code == 0 and "sending" in r.output, r.output
+        with Node(config_from_dict(raw), CopyProcessor()) as node:
+            assert wait_for(lambda: node.journal.jobs()[0].state == "done", 30)
+        assert len(sink.arrivals) == 16 and len(set(sink.arrivals)) == 8
+        r = CliRunner().invoke(app, ["queue", "resend", "--config", str(toml), "--destination", "elsewhere", str(d.job_id)])
+        assert r.exit_code == 1 and "no delivery to elsewhere" in r.output
+    finally:
+        sink.stop()
+
+
+def test_a_silent_destination_costs_the_others_nothing(tmp_path, port, sink):
+    """Two destinations, one a black hole: the good one's results arrive within seconds of
+    encoding, for every job, while the black hole's deliveries wait out its ACSE timeout."""
+    hole = BlackHole()
+    sink.start()
+    try:
+        raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 1.0, "settle_seconds": 0.1},
+                              rules={"min_slices": 3},
+                              destinations=[dest("hole", hole.port, acse_timeout=8.0), dest("sink", sink.port)])
+        with Node(config_from_dict(raw), CopyProcessor()) as node:
+            for i in range(3):
+                send_series(port, tmp_path / f"s{i}", slices=4)
+            assert wait_for(lambda: sum(d.state == "delivered" for d in node.journal.deliveries()) == 3, 30)
+            assert len(sink.files()) == 12
+            latencies = []
+            for job in node.journal.jobs():
+                events = {e["kind"]: e["at"] for e in node.journal.events(job.id) if e["kind"] in ("encoded",)}
+                (good,) = [d for d in node.journal.deliveries(job.id) if d.destination == "sink"]
+                latencies.append(good.delivered_at - events["encoded"])
+            holes = [d for d in node.journal.deliveries() if d.destination == "hole"]
+            assert all(d.state == "pending" and d.delivered_at is None for d in holes)
+        print(f"good destination: results delivered {max(latencies):.2f} s at most after encoding "
+              f"({', '.join(f'{x:.2f}' for x in latencies)}); black hole ACSE timeout 8 s")
+        assert len(latencies) == 3 and max(latencies) < 3.0
+    finally:
+        hole.stop()
