@@ -1,3 +1,5 @@
+import datetime
+import sqlite3
 import time
 
 import pytest
@@ -129,3 +131,76 @@ def test_one_failing_instance_in_a_group_commit_does_not_undo_the_others(tmp_pat
     assert batch[1].error is not None and batch[1].result is None
     assert batch[0].error is None and batch[2].error is None and batch[0].result[0] == batch[2].result[0]
     assert j.instance("1.1") is not None and j.instance("1.3") is not None and j.instance("1.2") is None
+
+
+class _CommitFails:
+    """A journal connection whose next COMMIT fails as on a full disk (SQLITE_FULL)."""
+
+    def __init__(self, conn):
+        self.conn, self.armed = conn, True
+
+    def execute(self, sql, *args):
+        if self.armed and sql == "COMMIT":
+            self.armed = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_audit_lines_are_written_only_for_committed_changes(tmp_path):
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    j = Journal(tmp_path / "j.sqlite", audit_file=audit)
+    job_id, _ = j.record_instance(inst("1.1"))
+    real = j.db
+    j._local.conn = _CommitFails(real)
+    with pytest.raises(sqlite3.OperationalError):
+        j.transition(job_id, "complete", note="first try")
+    j._local.conn = real
+    assert j.job(job_id).state == "received"
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert [x["event"] for x in lines] == ["received"]  # nothing for the change that did not happen
+    j.transition(job_id, "complete", note="second try")
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert [(x["event"], x["detail"]) for x in lines] == [("received", None), ("complete", "second try")]
+    assert [e["kind"] for e in j.events(job_id)] == ["received", "complete"]
+    stamp = datetime.datetime.fromisoformat(lines[-1]["time"])  # ISO 8601 with its UTC offset
+    assert stamp.utcoffset() is not None and abs(stamp.timestamp() - time.time()) < 60
+
+
+def test_a_failed_instance_in_a_group_commit_leaves_no_audit_line(tmp_path):
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    j = Journal(tmp_path / "j.sqlite", audit_file=audit)
+    real = j.db
+    j._local.conn = _CommitFails(real)
+    with pytest.raises(sqlite3.OperationalError):
+        j.record_instance(inst("1.1"))
+    j._local.conn = real
+    assert not audit.exists() or audit.read_text() == ""
+    j.record_instance(inst("1.1"))
+    assert [json.loads(x)["event"] for x in audit.read_text().splitlines()] == ["received"]
+
+
+def test_delivered_instances_go_with_their_delivery(tmp_path):
+    j = Journal(tmp_path / "j.sqlite")
+    job_id, _ = j.record_instance(inst("1.1"))
+    for s in ("complete", "selected", "processing", "encoded"):
+        j.transition(job_id, s)
+    j.start_deliveries(job_id, ["a", "b"])
+    j.record_instance_delivered(job_id, "a", "9.1")
+    j.record_instance_delivered(job_id, "a", "9.1")
+    assert j.delivered_instances(job_id, "a") == {"9.1"} and j.delivered_instances(job_id, "b") == set()
+    j.record_attempt(job_id, "a", ok=True)
+    j.record_attempt(job_id, "b", ok=True)
+    assert j.job(job_id).state == "done"
+    assert j.resend(job_id, ["a"]) == "sending"
+    assert j.delivered_instances(job_id, "a") == set()
+    assert {d.destination: d.state for d in j.deliveries(job_id)} == {"a": "pending", "b": "delivered"}
+    j.record_instance_delivered(job_id, "a", "9.2")
+    j.purge_job(job_id)
+    assert j.db.execute("SELECT COUNT(*) FROM delivered_instances").fetchone()[0] == 0
