@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -52,15 +51,9 @@ def _runtime_checks(cfg) -> list[str]:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    from dicomnode.logs import RateLimit
+    from dicomnode.logs import configure
 
-    limit = RateLimit()  # what a stranger can provoke (malformed PDUs, refused connections) cannot flood the log
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(limit)
+    configure(level)  # what a stranger can provoke cannot flood the log, nor write long or many lines
 
 
 def serve(config: Path = CONFIG_OPT) -> None:

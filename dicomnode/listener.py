@@ -7,7 +7,9 @@ sender out, and one idle TCP connection stalls the accept loop while TLS waits f
 This server instead:
 
 - checks `allowed_hosts` when the connection is accepted, and closes it before any thread exists;
-- caps connections that have not yet sent their A-ASSOCIATE-RQ, per host and in total;
+- caps connections that have not yet sent their A-ASSOCIATE-RQ, per host and in total; one the
+  peer has closed stops counting at once (pynetdicom's thread for it lingers until its deadline),
+  so a broken client cannot starve a good sender that shares its address (NAT, one host);
 - gives the A-ASSOCIATE-RQ (and the TLS handshake, done in the connection's own thread) a short
   deadline of its own (`request_timeout`), separate from `acse_timeout`;
 - counts only associations that have sent their request against `max_associations`;
@@ -27,12 +29,12 @@ from __future__ import annotations
 import copy
 import ipaddress
 import logging
+import select
 import socket
 import ssl
 import threading
 import time
 import weakref
-from typing import Any
 
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -83,7 +85,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.max_pending = max_pending
         self._tls_context = ssl_context  # negotiated per connection, off the accept loop
         self._lock = threading.Lock()
-        # (host, port) -> [accepted at, association or None until its thread has created it]
+        # (host, port) -> [accepted at, association or None until its thread has created it, socket]
         self._connections: dict[tuple, list] = {}
         self._last_refusal_log: dict[str, float] = {}
         self._stopping = threading.Event()
@@ -124,23 +126,26 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             if entry is not None:
                 entry[1] = weakref.ref(assoc)
 
-    def _live(self) -> list[tuple[str, Any]]:
-        """(host, association or None) of every connection that is still open or being set up."""
+    def _live(self, *, with_sockets: bool = False) -> list[tuple]:
+        """(host, association or None) of every connection that is still open or being set up
+        (with `with_sockets`, (host, association or None, accepted socket))."""
         now, out = time.monotonic(), []
         with self._lock:
-            for key, (accepted, ref) in list(self._connections.items()):
+            for key, (accepted, ref, sock) in list(self._connections.items()):
                 assoc = ref() if ref is not None else None
                 if assoc is not None and assoc.is_alive():
-                    out.append((key[0], assoc))
+                    out.append((key[0], assoc, sock))
                 elif ref is None and now - accepted < self.request_timeout + 5:
-                    out.append((key[0], None))  # accepted; its thread has not created the association yet
+                    out.append((key[0], None, sock))  # accepted; its thread has not created the association yet
                 else:
                     del self._connections[key]
-        return out
+        return out if with_sockets else [(host, assoc) for host, assoc, _ in out]
 
     def pending(self, host: str | None = None) -> int:
-        """Connections that have not sent their A-ASSOCIATE-RQ yet (of one host, or all)."""
-        return sum(1 for h, a in self._live() if (a is None or a.requestor.primitive is None) and host in (None, h))
+        """Connections that have not sent their A-ASSOCIATE-RQ yet (of one host, or all), and
+        that the peer has not closed."""
+        return sum(1 for h, a, sock in self._live(with_sockets=True)
+                   if (a is None or a.requestor.primitive is None) and host in (None, h) and not _peer_closed(a, sock))
 
     def requested(self) -> int:
         """Associations that have sent their request (negotiating or established)."""
@@ -161,7 +166,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             why = f"{self.max_pending} connections have not sent an A-ASSOCIATE-RQ yet"
         if why is None:
             with self._lock:
-                self._connections[tuple(client_address[:2])] = [time.monotonic(), None]
+                self._connections[tuple(client_address[:2])] = [time.monotonic(), None, request]
             return True
         now = time.monotonic()
         if now - self._last_refusal_log.get(host, 0.0) >= REFUSAL_LOG_INTERVAL:
@@ -192,6 +197,25 @@ def _allowed(host: str, networks: list) -> bool:
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+_HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
+
+
+def _peer_closed(assoc, accepted: socket.socket) -> bool:
+    """Whether the peer has closed (or reset) the connection, even with bytes still unread: the
+    kernel says so at once (POLLRDHUP), while pynetdicom's thread notices only at its deadline.
+    The accepted socket is the one to ask, unless TLS has wrapped it (its descriptor moved)."""
+    sock = accepted
+    if sock.fileno() < 0 and assoc is not None:
+        wrapped = getattr(assoc.dul.socket, "socket", None)
+        sock = wrapped if wrapped is not None else sock
+    fd = sock.fileno()
+    if fd < 0:
+        return True  # closed on this side
+    poller = select.poll()
+    poller.register(fd, _HANGUP)
+    return bool(poller.poll(0))
 
 
 def _close(sock: socket.socket) -> None:

@@ -17,6 +17,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from dicomnode import logs
 from dicomnode.config import Config
 from dicomnode.journal import Instance, Journal
 from dicomnode.listener import start_server
@@ -30,9 +31,7 @@ LOG_VALUE_LIMIT = 120
 
 def printable(value: object, limit: int = LOG_VALUE_LIMIT) -> str:
     """A value a stranger sent, fit for one log line: escaped, and cut at `limit` characters."""
-    text = str(value).encode("ascii", "backslashreplace").decode("ascii")
-    text = text.replace("\n", "\\n").replace("\r", "\\r")
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+    return logs.printable(value, limit)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700

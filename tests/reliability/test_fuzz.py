@@ -1,9 +1,13 @@
-"""A PDU fuzzer on 127.0.0.2 (random bytes, truncated, wrong-type, absurd-length and slow PDUs)
-while a good sender on 127.0.0.1 keeps sending: every one of the good sender's associations must
-succeed, and nothing the fuzzer sends is stored. Seeded; DICOMNODE_RELIABILITY=long sends more."""
+"""A PDU fuzzer (random bytes, truncated, wrong-type, absurd-length and slow PDUs) while a good
+sender on 127.0.0.1 keeps sending: every one of the good sender's associations must succeed, also
+when the fuzzer shares its address (NAT, the same host), and nothing the fuzzer sends is stored.
+The node logs as `serve` does: no traceback, no line longer than the limit. Seeded;
+DICOMNODE_RELIABILITY=long sends more."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import random
 import socket
@@ -13,6 +17,7 @@ import time
 
 import pytest
 
+from dicomnode import logs
 from dicomnode.node import Node
 
 from conftest import dcmtk, run
@@ -21,7 +26,6 @@ from nodehelpers import make_config
 
 pytestmark = pytest.mark.integration
 
-FUZZER = "127.0.0.2"
 CASES = 2000 if os.environ.get("DICOMNODE_RELIABILITY") == "long" else 300
 
 
@@ -60,7 +64,7 @@ def fuzz_case(rng: random.Random) -> tuple[bytes, float]:
     return good + rng.randbytes(rng.randint(1, 100)), 0.0
 
 
-def fuzz(port: int, cases: int, seed: int, stop: threading.Event) -> int:
+def fuzz(port: int, cases: int, seed: int, stop: threading.Event, source: str) -> int:
     rng, sent = random.Random(seed), 0
     for _ in range(cases):
         if stop.is_set():
@@ -68,7 +72,7 @@ def fuzz(port: int, cases: int, seed: int, stop: threading.Event) -> int:
         data, pause = fuzz_case(rng)
         with socket.socket() as s:
             s.settimeout(2)
-            s.bind((FUZZER, 0))
+            s.bind((source, 0))
             try:
                 s.connect(("127.0.0.1", port))
                 if pause:
@@ -85,13 +89,26 @@ def fuzz(port: int, cases: int, seed: int, stop: threading.Event) -> int:
     return sent
 
 
-def test_a_good_sender_is_never_refused_during_fuzzing(tmp_path, port):
+@pytest.fixture
+def daemon_log():
+    """The log as `serve` writes it (dicomnode.logs.configure), into a buffer."""
+    buf = io.StringIO()
+    hook, level = threading.excepthook, logging.getLogger().level
+    handler = logs.configure("INFO", stream=buf)
+    yield buf
+    logging.getLogger().removeHandler(handler)
+    logging.getLogger().setLevel(level)
+    threading.excepthook = hook
+
+
+@pytest.mark.parametrize("fuzzer", ["127.0.0.2", "127.0.0.1"], ids=["other-host", "same-host"])
+def test_a_good_sender_is_never_refused_during_fuzzing(tmp_path, port, fuzzer, daemon_log):
     files = make_series(tmp_path / "in", slices=4)
     stop = threading.Event()
     with Node(make_config(tmp_path, port, node={"max_associations": 4})) as node:
         rss_before = rss_mb()
         result = {}
-        t = threading.Thread(target=lambda: result.setdefault("sent", fuzz(port, CASES, 12, stop)), daemon=True)
+        t = threading.Thread(target=lambda: result.setdefault("sent", fuzz(port, CASES, 12, stop, fuzzer)), daemon=True)
         t.start()
         good = []
         while t.is_alive():
@@ -111,9 +128,14 @@ def test_a_good_sender_is_never_refused_during_fuzzing(tmp_path, port):
 
         heap.trim()  # what the node does every minute
         rss_after = rss_mb()
-    print(f"{CASES} fuzz cases; good sender: {len(good)} of {len(good)} associations succeeded; "
+    lines = daemon_log.getvalue().splitlines()
+    longest = max(map(len, lines), default=0)
+    tracebacks = sum(line.startswith("Traceback") for line in lines)
+    print(f"{CASES} fuzz cases from {fuzzer}; good sender: {good.count(True)} of {len(good)} associations "
+          f"succeeded; log: {len(lines)} lines, longest {longest} chars, {tracebacks} tracebacks; "
           f"RSS of the process holding the node {rss_before:.0f} -> {rss_after:.0f} MB")
     assert rss_after - rss_before < 100
+    assert tracebacks == 0 and longest <= logs.LINE_LIMIT + 120  # the limit, plus time, level and logger name
 
 
 def rss_mb() -> float:
