@@ -71,9 +71,27 @@ def _describe_exit(code: int | None) -> str:
 
 
 # -- the inference process (child side) -----------------------------------------------------
+def _exit_with_parent() -> None:
+    """Exit as soon as the node is gone, also mid-job: a node that was SIGKILLed (or killed by the
+    kernel's OOM killer) cannot tell us to stop, and a busy child would compute on for nobody,
+    holding the model's memory. The spawn start method gives the child a sentinel for its
+    parent, readable once the parent has died. (PR_SET_PDEATHSIG would fire when the *thread*
+    that started the child ends, and the node starts replacements from its worker thread.)"""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="dicomnode-parent-watch", daemon=True).start()
+
+
 def _child_main(conn: Connection, processor_spec: Any) -> None:
     """Build the processor, say ready, then run requests until told to stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; the node stops us
+    _exit_with_parent()
     try:
         processor = processor_spec() if not hasattr(processor_spec, "process") else processor_spec
     except BaseException as exc:  # noqa: BLE001 - reported to the node, which decides

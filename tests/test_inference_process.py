@@ -163,3 +163,46 @@ def test_serve_parent_memory_is_flat_over_20_jobs(tmp_path):
     print(f"serve RSS after 10 jobs {rss[10]:.1f} MB, after 30 {rss[30]:.1f} MB; inference process {child_rss:.1f} MB")
     assert rss[30] - rss[10] < 4, rss
     assert child_rss > rss[30] * 2  # torch and the model are over there (a tiny model, still a big library)
+
+
+PARENT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from doubles import CopyProcessor
+from dicomnode.process import InferenceProcess, ProcessRequest
+engine = InferenceProcess(CopyProcessor(delay=120.0))
+engine.start()
+print(engine.pid, flush=True)
+{job}
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-job"])
+def test_the_inference_process_exits_when_the_node_is_killed(tmp_path, busy):
+    files = make_series(tmp_path / "in", slices=2, rows=16, cols=16)
+    job = (f"engine.run(ProcessRequest(1, '1.2', '1.2.3', {tuple(map(str, files))!r}, {str(tmp_path / 'out')!r}), 300)"
+           if busy else "")
+    node = subprocess.Popen([sys.executable, "-c", PARENT.format(tests=str(Path(__file__).parent), job=job)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(node.stdout.readline())
+        time.sleep(1.0)  # the job has started
+        assert _alive(child)
+        node.kill()
+        node.wait(10)
+        deadline = time.monotonic() + 1.0
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(child), "the inference process outlived its node by more than a second"
+    finally:
+        node.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
