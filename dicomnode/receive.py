@@ -22,7 +22,7 @@ from dicomnode.config import Config
 from dicomnode.journal import Instance, Journal
 from dicomnode.listener import start_server
 from dicomnode.spool import InvalidUID, Spool, check_uid, part10_header, write_atomic
-from dicomnode.wire import MalformedDataSet, check_encoded
+from dicomnode.wire import MalformedDataSet, check_encoded, check_image
 
 log = logging.getLogger("dicomnode.scp")
 
@@ -205,6 +205,7 @@ class StoreSCP:
             check_encoded(encoded, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian,
                           deflated=ts.is_deflated)
             ds = event.dataset
+            check_image(ds, encapsulated=ts.is_encapsulated)
             for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
                 if keyword in ds and ds[keyword].VR != "UI":
                     raise InvalidUID(f"{keyword} is encoded with VR {ds[keyword].VR}, not UI")

@@ -9,6 +9,7 @@ and nothing may be left over. It reads no values, so it costs microseconds per i
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -109,3 +110,89 @@ class _Scanner:
             if not fragments:
                 self.elements(pos, pos + length, until=None, depth=depth, implicit=implicit)
             pos += length
+
+
+# -- the image it describes ---------------------------------------------------------------------
+BITS_ALLOCATED = frozenset({1, 8, 16, 32, 64})  # PS3.5 8.1.1 and PS3.3 C.7.6.3.1.1
+MAX_FRAME_BYTES = 1 << 31  # one decoded frame larger than 2 GiB is no image this node can use
+# Image Pixel, Image Plane, Multi-frame, Modality and VOI LUT attributes whose values the node
+# reads as numbers: keyword -> (number of values or 0 for any, integer?)
+NUMERIC = {
+    "ImagePositionPatient": (3, False), "ImageOrientationPatient": (6, False), "PixelSpacing": (2, False),
+    "SliceThickness": (1, False), "SpacingBetweenSlices": (1, False), "SliceLocation": (1, False),
+    "NumberOfFrames": (1, True), "ImagesInAcquisition": (1, True), "InstanceNumber": (1, True),
+    "RescaleSlope": (1, False), "RescaleIntercept": (1, False), "WindowCenter": (0, False), "WindowWidth": (0, False),
+}
+
+
+def check_image(ds, *, encapsulated: bool) -> None:
+    """Raise MalformedDataSet unless the image the data set describes adds up: numeric values
+    that parse and are finite, dimensions that are not zero, a Bits Allocated the standard
+    knows, and (for native transfer syntaxes) Pixel Data at least as long as Rows x Columns x
+    Samples per Pixel x Bits Allocated x Number of Frames say. Values are named, never quoted."""
+    for keyword, (vm, integer) in NUMERIC.items():
+        _check_numbers(ds, keyword, vm, integer)
+    if "PixelData" not in ds:
+        return
+    shape = {}
+    for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel"):
+        value = ds.get(keyword)
+        if not isinstance(value, int):
+            raise MalformedDataSet(f"Pixel Data without a numeric {keyword}")
+        shape[keyword] = value
+    if shape["Rows"] < 1 or shape["Columns"] < 1:
+        raise MalformedDataSet(f"an image of {shape['Rows']} x {shape['Columns']} pixels")
+    if shape["BitsAllocated"] not in BITS_ALLOCATED:
+        raise MalformedDataSet(f"Bits Allocated {shape['BitsAllocated']} is not one of {sorted(BITS_ALLOCATED)}")
+    if not 1 <= shape["SamplesPerPixel"] <= 4:
+        raise MalformedDataSet(f"Samples per Pixel {shape['SamplesPerPixel']}")
+    stored = ds.get("BitsStored")
+    if isinstance(stored, int) and not 1 <= stored <= shape["BitsAllocated"]:
+        raise MalformedDataSet(f"Bits Stored {stored} with Bits Allocated {shape['BitsAllocated']}")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames < 1:
+        raise MalformedDataSet(f"Number of Frames {frames}")
+    frame_bits = shape["Rows"] * shape["Columns"] * shape["SamplesPerPixel"] * shape["BitsAllocated"]
+    if frame_bits // 8 > MAX_FRAME_BYTES:
+        raise MalformedDataSet(f"one frame of {shape['Rows']} x {shape['Columns']} pixels would decode to "
+                               f"{frame_bits // 8 >> 20} MiB")
+    if encapsulated:
+        return
+    expected = (frame_bits * frames + 7) // 8
+    have = _value_length(ds, 0x7FE00010)
+    if have < expected:
+        raise MalformedDataSet(f"Pixel Data has {have} bytes; {shape['Rows']} x {shape['Columns']} x "
+                               f"{shape['SamplesPerPixel']} samples x {shape['BitsAllocated']} bits x {frames} "
+                               f"frame(s) need {expected}")
+
+
+def _check_numbers(ds, keyword: str, vm: int, integer: bool) -> None:
+    if keyword not in ds:
+        return
+    elem = ds.get_item(keyword)
+    raw = elem.value
+    if raw is None or raw in (b"", ""):
+        return
+    if isinstance(raw, bytes):
+        texts = raw.decode("ascii", "replace").strip(" \x00").split("\\")
+    else:
+        values = raw if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
+        texts = [str(v) for v in values]
+    if vm and len(texts) != vm:
+        raise MalformedDataSet(f"{keyword} has {len(texts)} values, not {vm}")
+    for text in texts:
+        text = text.strip()
+        try:
+            number = int(text) if integer else float(text)
+        except ValueError:
+            raise MalformedDataSet(f"{keyword} holds a value that is not {'an integer' if integer else 'a number'}") from None
+        if not integer and not math.isfinite(number):
+            raise MalformedDataSet(f"{keyword} holds a value that is not finite")
+        if keyword == "NumberOfFrames" and number < 1:
+            raise MalformedDataSet("Number of Frames is below 1")
+
+
+def _value_length(ds, tag: int) -> int:
+    elem = ds.get_item(tag)
+    value = elem.value
+    return len(value) if value is not None else 0

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 
@@ -31,6 +33,14 @@ def part10(ds) -> bytes:
 def split(data: bytes) -> tuple[bytes, bytes]:
     meta_len = int.from_bytes(data[140:144], "little")
     return data[:144 + meta_len], data[144 + meta_len:]
+
+
+def raw(keyword: str, value: bytes) -> RawDataElement:
+    """An element written with exactly these bytes (pydicom would refuse to encode the value)."""
+    from pydicom.datadict import dictionary_VR
+
+    tag = Tag(keyword)
+    return RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
 
 
 def corpus(tmp_path: Path) -> dict[str, tuple[Path, int]]:
@@ -56,6 +66,22 @@ def corpus(tmp_path: Path) -> dict[str, tuple[Path, int]]:
     del ds.StudyInstanceUID
     ds.add_new(0x0020000D, "US", 11825)
     out["Study Instance UID with VR US"] = part10(ds)
+    for name, keyword, value in (("Image Position (Patient) a\\b\\c", "ImagePositionPatient", b"a\\b\\c "),
+                                 ("Slice Thickness abc", "SliceThickness", b"abc "),
+                                 ("Number of Frames -5", "NumberOfFrames", b"-5"),
+                                 ("a NaN in Image Position (Patient)", "ImagePositionPatient", b"0\\NaN\\0 "),
+                                 ("Pixel Spacing with one value", "PixelSpacing", b"0.5 ")):
+        ds = dcmread(src)
+        ds[keyword] = raw(keyword, value)
+        out[name] = part10(ds)
+    for name, keyword, number in (("Rows 65535", "Rows", 65535), ("Columns 0", "Columns", 0),
+                                  ("Bits Allocated 7", "BitsAllocated", 7)):
+        ds = dcmread(src)
+        setattr(ds, keyword, number)
+        out[name] = part10(ds)
+    ds = dcmread(src)
+    ds.PixelData = ds.PixelData[:len(ds.PixelData) // 2]
+    out["Pixel Data half as long as the image"] = part10(ds)
     expected = {"intact": 0x0000, "CT in the command, MR in the data set": 0xA900}
     files = {}
     for name, data in out.items():
@@ -87,6 +113,7 @@ def test_malformed_data_sets_get_the_right_status_and_are_not_kept(tmp_path, por
             status = assoc.send_c_store(path)
             got[name] = int(status.Status) if status else None
             assoc.release()
+        print("\n".join(f"{name}: 0x{status:04X}" for name, status in got.items()))
         assert got == {name: want for name, (_, want) in cases.items()}
         assert node.journal.instance_count() == 1  # only the intact one
         stored = list((tmp_path / "store" / "incoming").rglob("*.dcm"))
