@@ -3,7 +3,9 @@
 Each destination has its own delivery row in the journal and its own pool of sending threads,
 at most `max_associations` of them (one association, one job each): deliveries to different
 destinations, and of different jobs, proceed at once, and a destination that never answers
-holds up only its own pool.
+holds up only its own pool. A destination that cannot be reached (refused, silent, lost) is held
+as a whole: until its own backoff has passed, its other due deliveries are deferred without a
+connection attempt each (their give-up clock runs), and then one attempt probes it again.
 
 The journal records each result instance a destination acknowledges, before the next one is
 sent; an attempt sends only the instances not yet acknowledged, so an association lost after k
@@ -57,6 +59,8 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._in_flight: set[tuple[int, str]] = set()  # (job id, destination) being attempted
         self._pools: dict[str, ThreadPoolExecutor] = {}
+        # destination -> (held until, consecutive unreachable attempts, last error): see `_held`
+        self._down: dict[str, tuple[float, int, str]] = {}
 
     def run_due(self, now: float | None = None) -> int:
         """Start every due delivery whose destination has a free slot; return how many started."""
@@ -66,6 +70,11 @@ class Dispatcher:
             key = (delivery.job_id, delivery.destination)
             if dest is None:  # no pool to wait for: it is dead-lettered at once, saying why
                 started += self.attempt(delivery) is not None
+                continue
+            with self._lock:
+                if key in self._in_flight:
+                    continue
+            if self._held(delivery):
                 continue
             with self._lock:
                 busy = sum(1 for _, name in self._in_flight if name == dest.name)
@@ -79,6 +88,46 @@ class Dispatcher:
             pool.submit(self._attempt_in_pool, delivery, key)
             started += 1
         return started
+
+    def _held(self, delivery: Delivery) -> bool:
+        """While its destination is held, defer a due delivery to the end of the hold (or send it
+        to the dead letter once past `give_up_after_seconds`); True when it was."""
+        with self._lock:
+            down = self._down.get(delivery.destination)
+            probing = any(name == delivery.destination for _, name in self._in_flight)
+        now = time.time()
+        if down is None or (now >= down[0] and not probing):
+            return False
+        until, _, error = down
+        until = max(until, now + 1.0)  # while a probe is under way, look again in a second
+        first = delivery.first_attempt_at or now
+        d = self.cfg.dispatch
+        if until - first > d.give_up_after_seconds:
+            self.journal.record_attempt(delivery.job_id, delivery.destination, ok=False, dead=True, error=error,
+                                        next_attempt_at=until)
+            log.error("job %d: delivery to %s dead-lettered: unreachable for %.0f s: %s", delivery.job_id,
+                      delivery.destination, now - first, error)
+            self._count(delivery.destination, "dead_letter")
+            if self.metrics and self.journal.job(delivery.job_id).state == "dead_letter":
+                self.metrics.jobs_finished.labels("dead_letter").inc()
+        else:
+            self.journal.defer_delivery(delivery.job_id, delivery.destination, until + self._rng.uniform(0, 1.0),
+                                        f"not attempted: destination held after: {error}")
+        return True
+
+    def _note_reachable(self, name: str, reachable: bool, error: str | None) -> None:
+        """Hold a destination after an attempt that could not reach it; release it after one that did."""
+        with self._lock:
+            if reachable:
+                if self._down.pop(name, None) is not None:
+                    log.info("destination %s reachable again", name)
+                return
+            _, failures, _ = self._down.get(name, (0.0, 0, ""))
+            d = self.cfg.dispatch
+            delay = backoff_delay(failures + 1, d.backoff_initial_seconds, d.backoff_max_seconds, self._rng)
+            self._down[name] = (time.time() + delay, failures + 1, error or "unreachable")
+        if failures == 0:
+            log.warning("destination %s unreachable: its deliveries wait, probed again with backoff: %s", name, error)
 
     def _attempt_in_pool(self, delivery: Delivery, key: tuple[int, str]) -> None:
         try:
@@ -118,9 +167,10 @@ class Dispatcher:
             error: str | None = f"destination {delivery.destination!r} is no longer configured"
         else:
             try:
-                error = self._send(job.id, dest, Path(job.output_dir or ""), sent)
+                error, reachable = self._send(job.id, dest, Path(job.output_dir or ""), sent)
             except Exception as exc:  # any failure takes the backoff / dead-letter path
-                error = f"{type(exc).__name__}: {exc}"
+                error, reachable = f"{type(exc).__name__}: {exc}", True
+            self._note_reachable(dest.name, reachable, error)
         seconds = time.perf_counter() - started
         if error is None:
             state = self.journal.record_attempt(job.id, delivery.destination, ok=True)
@@ -150,19 +200,20 @@ class Dispatcher:
             self.metrics.jobs_finished.labels("dead_letter").inc()
         return False
 
-    def _send(self, job_id: int, dest: DestinationConfig, folder: Path, sent: list[int]) -> str | None:
-        """Send the job's results that `dest` has not acknowledged; None when it has them all."""
+    def _send(self, job_id: int, dest: DestinationConfig, folder: Path, sent: list[int]) -> tuple[str | None, bool]:
+        """Send the job's results that `dest` has not acknowledged. Returns (the error, or None when
+        the destination has them all; whether the destination was reached)."""
         try:
             files = collect_files([folder])
         except FileNotFoundError:
-            return f"output folder missing: {folder}"
+            return f"output folder missing: {folder}", True
         if not files:
-            return f"no files to send in {folder}"
+            return f"no files to send in {folder}", True
         acknowledged = self.journal.delivered_instances(job_id, dest.name)
         todo = [f for f in files if f.stem not in acknowledged]
         sent[0] = len(files) - len(todo)
         if not todo:
-            return None
+            return None, True
 
         def progress(path: Path, stored: bool) -> None:
             if stored:  # committed before the next instance goes out
@@ -175,11 +226,11 @@ class Dispatcher:
             report = store_files(todo, dest.host, dest.port, dest.ae_title, calling, timeout=timeouts(dest), tls=tls,
                                  on_progress=progress)
         except (AssociationFailed, OSError) as exc:
-            return f"{exc} ({sent[0] + sent[1]} of {len(files)} instances acknowledged)"
+            return f"{exc} ({sent[0] + sent[1]} of {len(files)} instances acknowledged)", False
         if not report.ok:
             path, why = report.failed[0]
-            return f"{len(report.failed)} of {len(files)} instances not stored (first: {Path(path).name}: {why})"
-        return None
+            return f"{len(report.failed)} of {len(files)} instances not stored (first: {Path(path).name}: {why})", True
+        return None, True
 
     def _count(self, destination: str, result: str) -> None:
         if self.metrics:

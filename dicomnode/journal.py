@@ -603,14 +603,18 @@ class Journal:
         now = time.time()
         with self._tx() as db:
             if ok:
-                db.execute("UPDATE deliveries SET state='delivered', attempts=attempts+1, delivered_at=?,"
-                           " first_attempt_at=COALESCE(first_attempt_at, ?), last_error=NULL"
-                           " WHERE job_id=? AND destination=?", (now, now, job_id, destination))
+                cur = db.execute("UPDATE deliveries SET state='delivered', attempts=attempts+1, delivered_at=?,"
+                                 " first_attempt_at=COALESCE(first_attempt_at, ?), last_error=NULL"
+                                 " WHERE job_id=? AND destination=? AND state='pending'", (now, now, job_id, destination))
             else:
-                db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?,"
-                           " first_attempt_at=COALESCE(first_attempt_at, ?), next_attempt_at=?"
-                           " WHERE job_id=? AND destination=?",
-                           ("dead_letter" if dead else "pending", error, now, next_attempt_at or now, job_id, destination))
+                cur = db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?,"
+                                 " first_attempt_at=COALESCE(first_attempt_at, ?), next_attempt_at=?"
+                                 " WHERE job_id=? AND destination=? AND state='pending'",
+                                 ("dead_letter" if dead else "pending", error, now, next_attempt_at or now, job_id,
+                                  destination))
+            if cur.rowcount == 0:  # settled meanwhile (purged, dead-lettered, re-queued by an operator)
+                row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+                return row["state"] if row else "purged"
             self._event(db, job_id, "delivered" if ok else ("delivery_dead_letter" if dead else "delivery_failed"),
                         f"{destination}: {error}" if error else f"{destination}: stored")
             states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id=?", (job_id,))}
@@ -624,6 +628,14 @@ class Journal:
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO delivered_instances(job_id, destination, sop_instance_uid, at)"
                        " VALUES (?, ?, ?, ?)", (job_id, destination, sop_instance_uid, time.time()))
+
+    def defer_delivery(self, job_id: int, destination: str, until: float, error: str) -> None:
+        """Put a pending delivery off to `until` without an attempt (its destination is held);
+        its give-up clock starts now if it has not yet."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE deliveries SET next_attempt_at=?, last_error=?, first_attempt_at=COALESCE(first_attempt_at, ?)"
+                       " WHERE job_id=? AND destination=? AND state='pending'", (until, error, now, job_id, destination))
 
     def delivered_instances(self, job_id: int, destination: str) -> set[str]:
         """SOP Instance UIDs of the job's results that the destination has acknowledged."""
