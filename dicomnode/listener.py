@@ -101,6 +101,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def _pace_loop(self) -> None:
         while not self._stopping.wait(PACE_INTERVAL):
             self.pace()
+            self.end_abandoned()
 
     def pace(self) -> None:
         """Set each association's DUL polling delay. An association that received a PDU within
@@ -125,6 +126,23 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             entry = self._connections.get(tuple(client_address[:2]))
             if entry is not None:
                 entry[1] = weakref.ref(assoc)
+
+    def end_abandoned(self, host: str | None = None) -> int:
+        """End the association threads of connections (of one host, or all) whose peer closed
+        before sending its A-ASSOCIATE-RQ. pynetdicom's thread would wait out its request deadline
+        for a PDU that cannot come, and those threads count against pynetdicom's own association
+        limit: a stranger connecting and closing fast would soon have every sender rejected.
+        Returns how many were ended."""
+        ended = 0
+        for h, assoc, sock in self._live(with_sockets=True):
+            if assoc is None or assoc.requestor.primitive is not None or host not in (None, h):
+                continue
+            if getattr(assoc, "_dicomnode_abandoned", False) or not _peer_closed(assoc, sock):
+                continue
+            assoc._dicomnode_abandoned = True
+            assoc.dul.to_user_queue.put(None)  # the thread's wait for the request returns "nothing came"
+            ended += 1
+        return ended
 
     def _live(self, *, with_sockets: bool = False) -> list[tuple]:
         """(host, association or None) of every connection that is still open or being set up
@@ -157,6 +175,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def verify_request(self, request, client_address) -> bool:
         host = client_address[0]
+        self.end_abandoned(host)
         why = None
         if self.allowed_networks and not _allowed(host, self.allowed_networks):
             why = "not in allowed_hosts"

@@ -4,6 +4,8 @@ pynetdicom's public API does not cover three things the node needs:
 
 - the DUL thread's polling delay (`DULServiceProvider._run_loop_delay`) and its idle timer
   (`_idle_timer`, a `Timer` with `timeout` and `remaining`): the listener paces polling by them;
+  and the DUL's queue to the association (`to_user_queue`): the listener ends the thread of a
+  connection whose peer closed before its A-ASSOCIATE-RQ (`listener.end_abandoned`);
 - the association reactor's pause (`Association._reactor_checkpoint`, `_is_paused`) and the DIMSE
   message queue (`DIMSEServiceProvider.get_msg`, `msg_queue`): the sending side takes the reactor
   off that queue (`keep_responses_for_sender`).
@@ -37,6 +39,7 @@ def check() -> None:
         (getattr(assoc.dul, "_idle_timer", None), "timeout", "Timer.timeout"),
         (assoc, "_reactor_checkpoint", "Association._reactor_checkpoint"),
         (assoc, "_is_paused", "Association._is_paused"),
+        (assoc.dul, "to_user_queue", "DULServiceProvider.to_user_queue"),
         (assoc.dimse, "msg_queue", "DIMSEServiceProvider.msg_queue"),
         (assoc.dimse, "get_msg", "DIMSEServiceProvider.get_msg"),
     ]
