@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+
+
+_VALUES = re.compile(r"'[^']*'|\"[^\"]*\"|0x[0-9A-Fa-f]+|\d+")
+
+
+def _shape(message: str) -> str:
+    """A message with its quoted values and numbers taken out: libraries that format values into
+    the message itself (pynetdicom's "Unknown PDU type received '0x4a'") still share one key."""
+    return _VALUES.sub("#", message)
 
 
 class RateLimit(logging.Filter):
@@ -18,7 +28,7 @@ class RateLimit(logging.Filter):
         self._seen: dict[tuple[str, str], list[float | int]] = {}  # key -> [window start, passed, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg)[:200])
+        key = (record.name, _shape(str(record.msg)[:200]))
         now = time.monotonic()
         with self._lock:
             if len(self._seen) > 4096:
