@@ -3,7 +3,8 @@ PYTHONPATH pointing at another checkout to measure that one the same way).
 
 - `burst`: the sending side while both cores are busy (as when the node synthesises): N series
   of 15 instances, each C-STOREd over one association to a DCMTK storescp, with two CPU-bound
-  processes beside it. Counts the series whose association was lost and the C-STORE responses
+  processes beside it and two busy Python threads in the sending process (the node's other
+  threads compete for the GIL). Counts the series whose association was lost and the C-STORE responses
   pynetdicom's reactor dropped as "unexpected" (the stolen-response fault).
 - `blackhole`: two destinations, a DCMTK storescp and a socket that accepts TCP and never answers
   (default timeouts of that checkout); J encoded jobs are handed to dispatch the way the node's
@@ -60,6 +61,14 @@ class Counter(logging.Handler):
 def burst(n: int, work: Path) -> None:
     sink, port = storescp(work / "sink")
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    busy = threading.Event()
+
+    def spin():  # Python work in the sending process too, as the node's other threads do
+        while not busy.is_set():
+            sum(range(1000))
+
+    for _ in range(2):
+        threading.Thread(target=spin, daemon=True).start()
     counter = Counter()
     logging.getLogger("pynetdicom").addHandler(counter)
     lost = 0
@@ -73,10 +82,11 @@ def burst(n: int, work: Path) -> None:
             except Exception:
                 lost += 1
     finally:
+        busy.set()
         for h in hogs:
             h.kill()
         sink.kill()
-    print(f"burst: {n} series x 15 instances under 2 CPU hogs in {time.perf_counter() - started:.0f} s "
+    print(f"burst: {n} series x 15 instances under 2 CPU hogs and 2 busy threads in {time.perf_counter() - started:.0f} s "
           f"({dicomnode.__file__}): {lost} series with a lost association or a missing response, "
           f"{counter.unexpected} responses dropped as unexpected")
 

@@ -7,7 +7,6 @@ import re
 import threading
 import time
 
-
 _VALUES = re.compile(r"'[^']*'|\"[^\"]*\"|0x[0-9A-Fa-f]+|\d+")
 
 
