@@ -82,3 +82,17 @@ def test_ray_backend_without_ray_installed_is_a_config_error(tmp_path, monkeypat
         cfg.check_runtime()
     with pytest.raises(ConfigError, match="ray_actors"):
         config_from_dict({"inference": {"backend": "ray", "ray_actors": 0}})
+
+
+def test_destination_timeouts_and_concurrency(tmp_path):
+    base = "[[destinations]]\nname = 'pacs'\nae_title = 'PACS'\nhost = '127.0.0.1'\n"
+    cfg = load_config(write(tmp_path, base + "dimse_timeout = 12.5\nmax_associations = 4\n"))
+    (dest,) = cfg.destinations
+    assert (dest.connect_timeout, dest.acse_timeout, dest.dimse_timeout, dest.network_timeout) == (5.0, 10.0, 12.5, 60.0)
+    assert dest.max_associations == 4
+    with pytest.raises(ConfigError, match=r"\[\[destinations\]\]\[0\]\.acse_timeout: must be > 0"):
+        load_config(write(tmp_path, base + "acse_timeout = 0.0\n"))
+    with pytest.raises(ConfigError, match=r"\[\[destinations\]\]\[0\]\.max_associations: must be <= 16"):
+        load_config(write(tmp_path, base + "max_associations = 100\n"))
+    with pytest.raises(ConfigError, match=r"\[dispatch\]\.timeout_seconds: unknown key"):
+        load_config(write(tmp_path, base + "[dispatch]\ntimeout_seconds = 60.0\n"))

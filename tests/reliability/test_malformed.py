@@ -131,3 +131,22 @@ def test_the_structure_check_accepts_what_dcmtk_writes(tmp_path):
         check_encoded(body, implicit_vr=implicit, little_endian=True)
     with pytest.raises(MalformedDataSet, match="declares"):
         check_encoded(body[:-10], implicit_vr=False, little_endian=True)
+
+
+def test_an_invalid_uid_is_refused_without_its_value_in_the_log(tmp_path, port, caplog):
+    """A patient name typed into a UID field is PHI: the node says which UID is wrong, not what it holds."""
+    src = make_series(tmp_path / "src", slices=1, rows=32, cols=32)[0]
+    ds = dcmread(src)
+    ds["SeriesInstanceUID"] = raw("SeriesInstanceUID", b"CANARY^PHIPATIENT\x00")
+    path = tmp_path / "canary.dcm"
+    path.write_bytes(part10(ds))
+    with Node(make_config(tmp_path, port)) as node:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        status = assoc.send_c_store(path)
+        assoc.release()
+        assert int(status.Status) == 0xC000 and node.journal.instance_count() == 0
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("Series Instance UID is not a valid UID" in m for m in refusals), refusals
+    assert "CANARY" not in caplog.text and "PHIPATIENT" not in caplog.text
