@@ -244,7 +244,6 @@ def queue_retry(
 ) -> None:
     """Re-drive jobs: dead-letter deliveries are queued again (each destination gets only the
     instances it has not acknowledged), failed jobs are processed again."""
-    from dicomnode.journal import TransitionError
 
     _, journal = _journal(config)
     ids = list(job_ids or [])
@@ -255,14 +254,7 @@ def queue_retry(
     if not ids:
         typer.echo("nothing to retry (name job ids, or use --all-dead / --all-failed)", err=True)
         raise typer.Exit(2)
-    code = 0
-    for job_id in ids:
-        try:
-            typer.echo(f"job {job_id}: {journal.retry(job_id)}")
-        except TransitionError as exc:
-            typer.echo(f"job {job_id}: {exc}", err=True)
-            code = 1
-    raise typer.Exit(code)
+    _each_job(ids, journal.retry)
 
 
 @queue_app.command("resend")
@@ -274,13 +266,18 @@ def queue_resend(
 ) -> None:
     """Send every result instance of done (or dead-letter) jobs again, also those a destination
     has already acknowledged: the one way a destination receives an instance twice."""
+    _, journal = _journal(config)
+    _each_job(job_ids, lambda job_id: journal.resend(job_id, destination or None))
+
+
+def _each_job(job_ids: List[int], action) -> None:
+    """Apply `action` to each job, saying its new state or why not; exit 1 if any was refused."""
     from dicomnode.journal import TransitionError
 
-    _, journal = _journal(config)
     code = 0
     for job_id in job_ids:
         try:
-            typer.echo(f"job {job_id}: {journal.resend(job_id, destination or None)}")
+            typer.echo(f"job {job_id}: {action(job_id)}")
         except TransitionError as exc:
             typer.echo(f"job {job_id}: {exc}", err=True)
             code = 1

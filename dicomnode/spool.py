@@ -159,22 +159,19 @@ class Spool:
             fh = self._lock_files.fh = open(self._lock_path, "a+b")  # noqa: SIM115
         return fh
 
-    @contextlib.contextmanager
-    def storing(self) -> Iterator[None]:
+    def storing(self) -> contextlib.AbstractContextManager[None]:
         """Held while an instance is written and recorded (shared: stores do not wait for each other)."""
-        fh = self._lock_file()
-        fcntl.flock(fh, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        return self._flock(fcntl.LOCK_SH)
 
-    @contextlib.contextmanager
-    def removing(self) -> Iterator[None]:
+    def removing(self) -> contextlib.AbstractContextManager[None]:
         """Held while received files are checked and removed: waits for stores in progress and
         holds new ones back until it is released."""
+        return self._flock(fcntl.LOCK_EX)
+
+    @contextlib.contextmanager
+    def _flock(self, mode: int) -> Iterator[None]:
         fh = self._lock_file()
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        fcntl.flock(fh, mode)
         try:
             yield
         finally:

@@ -56,12 +56,18 @@ def test_late_instance_reopens_as_new_generation(tmp_path):
     assert j.record_instance(inst("1.3"), late_policy="ignore")[0] is None
 
 
-def test_deliveries_settle_the_job(tmp_path):
+def sending_job(tmp_path, destinations=("a", "b")):
+    """A journal with one job whose deliveries to `destinations` have just started."""
     j = Journal(tmp_path / "j.sqlite")
     job_id, _ = j.record_instance(inst("1.1"))
     for s in ("complete", "selected", "processing", "encoded"):
         j.transition(job_id, s)
-    j.start_deliveries(job_id, ["a", "b"])
+    j.start_deliveries(job_id, list(destinations))
+    return j, job_id
+
+
+def test_deliveries_settle_the_job(tmp_path):
+    j, job_id = sending_job(tmp_path)
     assert j.record_attempt(job_id, "a", ok=True) == "sending"
     assert j.record_attempt(job_id, "b", ok=False, error="down", next_attempt_at=time.time() + 60) == "sending"
     assert j.due_deliveries(time.time()) == []
@@ -187,11 +193,7 @@ def test_a_failed_instance_in_a_group_commit_leaves_no_audit_line(tmp_path):
 
 
 def test_delivered_instances_go_with_their_delivery(tmp_path):
-    j = Journal(tmp_path / "j.sqlite")
-    job_id, _ = j.record_instance(inst("1.1"))
-    for s in ("complete", "selected", "processing", "encoded"):
-        j.transition(job_id, s)
-    j.start_deliveries(job_id, ["a", "b"])
+    j, job_id = sending_job(tmp_path)
     j.record_instance_delivered(job_id, "a", "9.1")
     j.record_instance_delivered(job_id, "a", "9.1")
     assert j.delivered_instances(job_id, "a") == {"9.1"} and j.delivered_instances(job_id, "b") == set()
