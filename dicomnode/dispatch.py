@@ -103,12 +103,12 @@ class Dispatcher:
         first = delivery.first_attempt_at or now
         d = self.cfg.dispatch
         if until - first > d.give_up_after_seconds:
-            self.journal.record_attempt(delivery.job_id, delivery.destination, ok=False, dead=True, error=error,
-                                        next_attempt_at=until)
+            state = self.journal.record_attempt(delivery.job_id, delivery.destination, ok=False, dead=True,
+                                                error=error, next_attempt_at=until)
             log.error("job %d: delivery to %s dead-lettered: unreachable for %.0f s: %s", delivery.job_id,
                       delivery.destination, now - first, error)
             self._count(delivery.destination, "dead_letter")
-            if self.metrics and self.journal.job(delivery.job_id).state == "dead_letter":
+            if self.metrics and state == "dead_letter":
                 self.metrics.jobs_finished.labels("dead_letter").inc()
         else:
             self.journal.defer_delivery(delivery.job_id, delivery.destination, until + self._rng.uniform(0, 1.0),

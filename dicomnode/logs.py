@@ -67,8 +67,8 @@ class OneLine(logging.Filter):
         except Exception as exc:  # a record whose arguments do not fit its template
             text = f"{record.msg!r} (unformattable: {type(exc).__name__})"
         if record.exc_info and record.exc_info[1] is not None and not record.name.startswith("dicomnode"):
-            exc = record.exc_info[1]
-            text = f"{text} ({type(exc).__name__}: {exc})"
+            logged = record.exc_info[1]
+            text = f"{text} ({type(logged).__name__}: {logged})"
             record.exc_info, record.exc_text = None, None
         record.msg, record.args = printable(text), None
         return True
