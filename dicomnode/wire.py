@@ -181,13 +181,14 @@ def _check_numbers(ds, keyword: str, vm: int, integer: bool) -> None:
     if vm and len(texts) != vm:
         raise MalformedDataSet(f"{keyword} has {len(texts)} values, not {vm}")
     for text in texts:
-        text = text.strip()
         try:
-            number = int(text) if integer else float(text)
+            number = float(text.strip())
         except ValueError:
             raise MalformedDataSet(f"{keyword} holds a value that is not {'an integer' if integer else 'a number'}") from None
-        if not integer and not math.isfinite(number):
+        if not math.isfinite(number):
             raise MalformedDataSet(f"{keyword} holds a value that is not finite")
+        if integer and not number.is_integer():  # "12.0", as some writers put it in an IS, is 12
+            raise MalformedDataSet(f"{keyword} holds a value that is not an integer")
         if keyword == "NumberOfFrames" and number < 1:
             raise MalformedDataSet("Number of Frames is below 1")
 

@@ -15,7 +15,7 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 
 from dicomnode.node import Node
-from dicomnode.wire import MalformedDataSet, check_encoded
+from dicomnode.wire import MalformedDataSet, check_encoded, check_image
 
 from conftest import dcmtk, run
 from dicomfactory import make_series
@@ -150,3 +150,41 @@ def test_an_invalid_uid_is_refused_without_its_value_in_the_log(tmp_path, port, 
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("Series Instance UID is not a valid UID" in m for m in refusals), refusals
     assert "CANARY" not in caplog.text and "PHIPATIENT" not in caplog.text
+
+
+@pytest.mark.parametrize("rows, cols, samples, bits, frames, length, ok", [
+    (10, 10, 1, 1, 1, 14, True),  # 100 bits packed: 13 bytes, padded to 14
+    (10, 10, 1, 1, 1, 12, False),
+    (4, 4, 3, 8, 1, 48, True),  # RGB
+    (4, 4, 3, 8, 1, 47, False),
+    (4, 4, 1, 16, 3, 96, True),  # 3 frames of 32 bytes
+    (4, 4, 1, 16, 3, 64, False),
+    (4, 4, 1, 16, 1, 34, True),  # trailing padding is tolerated, as pydicom tolerates it
+])
+def test_native_pixel_data_must_hold_what_its_description_says(rows, cols, samples, bits, frames, length, ok):
+    from pydicom import Dataset
+
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored = rows, cols, samples, bits, bits
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = b"\0" * length
+    if ok:
+        check_image(ds, encapsulated=False)
+    else:
+        with pytest.raises(MalformedDataSet, match="Pixel Data has"):
+            check_image(ds, encapsulated=False)
+    check_image(ds, encapsulated=True)  # compressed: the length says nothing
+
+
+def test_an_integer_string_written_as_12_point_0_is_an_integer():
+    from pydicom import Dataset
+
+    for value, ok in ((b"12.0 ", True), (b"12 ", True), (b"1.5 ", False), (b"NaN ", False), (b"12a ", False)):
+        ds = Dataset()
+        ds["InstanceNumber"] = raw("InstanceNumber", value)
+        if ok:
+            check_image(ds, encapsulated=False)
+        else:
+            with pytest.raises(MalformedDataSet, match="InstanceNumber"):
+                check_image(ds, encapsulated=False)
