@@ -61,6 +61,9 @@ class Dispatcher:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         # destination -> (held until, consecutive unreachable attempts, last error): see `_held`
         self._down: dict[str, tuple[float, int, str]] = {}
+        if metrics is not None:
+            for name in self.destinations:
+                metrics.destination_reachable.labels(name).set(1)
 
     def run_due(self, now: float | None = None) -> int:
         """Start every due delivery whose destination has a free slot; return how many started."""
@@ -117,6 +120,8 @@ class Dispatcher:
 
     def _note_reachable(self, name: str, reachable: bool, error: str | None) -> None:
         """Hold a destination after an attempt that could not reach it; release it after one that did."""
+        if self.metrics is not None:
+            self.metrics.destination_reachable.labels(name).set(1 if reachable else 0)
         with self._lock:
             if reachable:
                 if self._down.pop(name, None) is not None:

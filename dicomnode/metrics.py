@@ -58,6 +58,9 @@ class Metrics:
                                   registry=r)
         self.inference_restarts = Counter("dicomnode_inference_restarts", "Inference process restarts, by reason "
                                           "(crash: it died; timeout: the watchdog killed it)", ["reason"], registry=r)
+        self.destination_reachable = Gauge("dicomnode_destination_reachable", "0 while dispatch holds a destination "
+                                           "it could not reach (its deliveries wait), else 1", ["destination"],
+                                           registry=r)
         self.up = Gauge("dicomnode_up", "1 while the node is serving", registry=r)
         if journal is not None and spool is not None:
             r.register(_JournalCollector(journal, spool))

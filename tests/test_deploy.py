@@ -49,6 +49,7 @@ def exposition(tmp_path) -> dict[str, set[str]]:
     m.series_selected.labels("true").inc()
     m.stage_seconds.labels("infer").observe(1.0)
     m.deliveries.labels("pacs", "success").inc()
+    m.destination_reachable.labels("pacs").set(1)
     m.jobs_finished.labels("done").inc()
     m.up.set(1)
     out: dict[str, set[str]] = {}

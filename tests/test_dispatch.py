@@ -90,10 +90,13 @@ def test_sink_down_then_up_is_delivered_after_a_retry(tmp_path, port, sink):
         assert wait_for(lambda: any(d.attempts >= 1 for d in node.journal.deliveries()), 15)
         (d,) = node.journal.deliveries()
         assert d.state == "pending" and "cannot associate" in d.last_error
+        reachable = lambda: node.metrics.registry.get_sample_value("dicomnode_destination_reachable",  # noqa: E731
+                                                                   {"destination": "sink"})
+        assert reachable() == 0
         sink.start()
         assert wait_for(lambda: node.journal.jobs()[0].state == "done", 15)
         (d,) = node.journal.deliveries()
-        assert d.attempts >= 2 and d.state == "delivered"
+        assert d.attempts >= 2 and d.state == "delivered" and reachable() == 1
     assert len(sink.files()) == 8
 
 
