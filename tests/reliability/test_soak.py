@@ -1,4 +1,4 @@
-"""A soak of the real `dicomnode serve` (tiny model): four scanners send series without pause, the
+"""A soak of the real `dicomnode serve` (tiny model): four scanners send series one after another, the
 inference process is SIGKILLed every few minutes, one destination flaps (refuses connections for
 a while, then takes them again) and one is a black hole (accepts TCP, never answers).
 
@@ -36,6 +36,8 @@ LONG = os.environ.get("DICOMNODE_RELIABILITY") == "long"
 # seconds: sending, between inference kills, the flapping destination up / down, give-up for a delivery
 SEND, KILL_EVERY, UP, DOWN, GIVE_UP = (1800, 180, 60, 30, 120) if LONG else (60, 20, 12, 6, 20)
 SENDERS, SLICES = 4, 6
+PAUSE = 3.0  # seconds a scanner waits between series: about one series a second in all, which the
+# tiny model on two cores keeps up with (without a pause the backlog grows for as long as it runs)
 
 
 class FlappingProxy:
@@ -139,6 +141,7 @@ def test_soak(tmp_path):
 
     def sender(k: int) -> None:
         n = 0
+        rng_pause = random.Random(k)
         while not stop.is_set():
             files = make_series(tmp_path / f"in{k}" / f"{n}", slices=SLICES, rows=64, cols=64, seed=1000 * k + n)
             mine: set[str] = set()
@@ -147,6 +150,7 @@ def test_soak(tmp_path):
                 acked.update(mine)
                 sent_series.append(str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))
             n += 1
+            stop.wait(rng_pause.uniform(0.5, 1.5) * PAUSE)
 
     def killer() -> None:
         nonlocal kills
