@@ -68,6 +68,7 @@ class Dispatcher:
     def run_due(self, now: float | None = None) -> int:
         """Start every due delivery whose destination has a free slot; return how many started."""
         started = 0
+        deferred: list[tuple[int, str, float, str]] = []  # written in one transaction, not one each
         for delivery in self.journal.due_deliveries(time.time() if now is None else now):
             dest = self.destinations.get(delivery.destination)
             key = (delivery.job_id, delivery.destination)
@@ -77,7 +78,7 @@ class Dispatcher:
             with self._lock:
                 if key in self._in_flight:
                     continue
-            if self._held(delivery):
+            if self._held(delivery, deferred):
                 continue
             with self._lock:
                 busy = sum(1 for _, name in self._in_flight if name == dest.name)
@@ -90,11 +91,14 @@ class Dispatcher:
                         dest.max_associations, thread_name_prefix=f"dicomnode-send-{dest.name}")
             pool.submit(self._attempt_in_pool, delivery, key)
             started += 1
+        if deferred:
+            self.journal.defer_deliveries(deferred)
         return started
 
-    def _held(self, delivery: Delivery) -> bool:
-        """While its destination is held, defer a due delivery to the end of the hold (or send it
-        to the dead letter once past `give_up_after_seconds`); True when it was."""
+    def _held(self, delivery: Delivery, deferred: list[tuple[int, str, float, str]]) -> bool:
+        """While its destination is held, defer a due delivery to the end of the hold (appended to
+        `deferred`), or send it to the dead letter once past `give_up_after_seconds`; True when
+        it was either."""
         with self._lock:
             down = self._down.get(delivery.destination)
             probing = any(name == delivery.destination for _, name in self._in_flight)
@@ -114,8 +118,8 @@ class Dispatcher:
             if self.metrics and state == "dead_letter":
                 self.metrics.jobs_finished.labels("dead_letter").inc()
         else:
-            self.journal.defer_delivery(delivery.job_id, delivery.destination, until + self._rng.uniform(0, 1.0),
-                                        f"not attempted: destination held after: {error}")
+            deferred.append((delivery.job_id, delivery.destination, until + self._rng.uniform(0, 1.0),
+                             f"not attempted: destination held after: {error}"))
         return True
 
     def _note_reachable(self, name: str, reachable: bool, error: str | None) -> None:

@@ -629,13 +629,16 @@ class Journal:
             db.execute("INSERT OR IGNORE INTO delivered_instances(job_id, destination, sop_instance_uid, at)"
                        " VALUES (?, ?, ?, ?)", (job_id, destination, sop_instance_uid, time.time()))
 
-    def defer_delivery(self, job_id: int, destination: str, until: float, error: str) -> None:
-        """Put a pending delivery off to `until` without an attempt (its destination is held);
-        its give-up clock starts now if it has not yet."""
+    def defer_deliveries(self, deferrals: list[tuple[int, str, float, str]]) -> None:
+        """Put pending deliveries, (job id, destination, until, why), off without an attempt (their
+        destination is held), in one transaction; each one's give-up clock starts now if it has
+        not yet."""
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE deliveries SET next_attempt_at=?, last_error=?, first_attempt_at=COALESCE(first_attempt_at, ?)"
-                       " WHERE job_id=? AND destination=? AND state='pending'", (until, error, now, job_id, destination))
+            db.executemany("UPDATE deliveries SET next_attempt_at=?, last_error=?,"
+                           " first_attempt_at=COALESCE(first_attempt_at, ?)"
+                           " WHERE job_id=? AND destination=? AND state='pending'",
+                           [(until, why, now, job_id, destination) for job_id, destination, until, why in deferrals])
 
     def delivered_instances(self, job_id: int, destination: str) -> set[str]:
         """SOP Instance UIDs of the job's results that the destination has acknowledged."""

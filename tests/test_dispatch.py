@@ -275,3 +275,45 @@ def test_a_silent_destination_costs_the_others_nothing(tmp_path, port, sink):
         assert len(latencies) == 3 and max(latencies) < 3.0
     finally:
         hole.stop()
+
+
+def test_an_unreachable_destination_is_held_as_a_whole(tmp_path):
+    """After one attempt finds the destination unreachable, its other deliveries are put off
+    without a connection each, and reach the dead letter once past give_up_after_seconds."""
+    from pydicom import dcmread
+
+    from dicomnode.dispatch import Dispatcher
+    from dicomnode.journal import Instance, Journal
+
+    closed = free_port()  # nothing listens here: connection refused
+    cfg = config_from_dict(make_raw_config(tmp_path, free_port(), destinations=[dest("down", closed)],
+                                           dispatch={"backoff_initial_seconds": 1.0, "backoff_max_seconds": 1.0,
+                                                     "give_up_after_seconds": 2.0}))
+    journal = Journal(tmp_path / "j.sqlite")
+    for j in range(3):
+        files = make_series(tmp_path / f"out{j}", slices=2, rows=16, cols=16, seed=j)
+        for f in files:
+            f.rename(f.with_name(f"{dcmread(f, stop_before_pixels=True).SOPInstanceUID}.dcm"))
+        job_id, _ = journal.record_instance(Instance(f"9.{j}", f"9.9.{j}", "9", "1.2.840.10008.5.1.4.1.1.4",
+                                                     "1.2.840.10008.1.2.1", "/x", 1, "T", time.time(), None, None, None))
+        for state in ("complete", "selected", "processing"):
+            journal.transition(job_id, state)
+        journal.transition(job_id, "encoded", output_dir=str(tmp_path / f"out{j}"), outputs=2)
+        journal.start_deliveries(job_id, ["down"])
+    dispatcher = Dispatcher(cfg, journal)
+    first = journal.deliveries()[0]
+    assert dispatcher.attempt(first) is False  # refused: the destination is held from now on
+    assert dispatcher.run_due() == 0  # the other two are put off, not attempted
+    by_job = {d.job_id: d for d in journal.deliveries()}
+    others = [d for job, d in by_job.items() if job != first.job_id]
+    assert all(d.attempts == 0 and d.first_attempt_at and d.last_error.startswith("not attempted") for d in others)
+    deadline = time.time() + 15
+    while time.time() < deadline and journal.jobs(["sending"]):
+        while dispatcher.in_flight():
+            time.sleep(0.05)
+        dispatcher.run_due()
+        time.sleep(0.1)
+    dispatcher.stop()
+    assert [j.state for j in journal.jobs()] == ["dead_letter"] * 3
+    attempts = sorted(d.attempts for d in journal.deliveries())
+    assert sum(attempts) <= 5, attempts  # probes only, not one connection per delivery per backoff
