@@ -195,6 +195,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             log.warning("closing connection from %s: %s", host, why)
         return False  # socketserver closes the socket
 
+    def handle_error(self, request, client_address) -> None:
+        """socketserver prints a traceback to stderr for an exception while a connection is set
+        up; a stranger's malformed bytes get one log line instead (the log's limits apply)."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        log.warning("connection from %s ended by %s: %s", client_address[0], type(exc).__name__, exc)
+
     def process_request_thread(self, request, client_address) -> None:
         if self._tls_context is not None:
             try:
