@@ -419,11 +419,11 @@ def config_check(config: Path = CONFIG_OPT) -> None:
     warnings = _runtime_checks(cfg)
     if cfg.inference.model != "none":
         from dicomnode.infer.model import ModelError, load_model
-        from dicomnode.synthesize import pick_device, resolve_model
+        from dicomnode.synthesize import DeviceError, pick_device, resolve_model
 
         try:
             device = pick_device(cfg.inference.device)
-        except ModelError as exc:
+        except DeviceError as exc:
             raise fail(f"config error: {cfg.source}: [inference].device: {exc}", 2) from None
         try:
             model_dir = resolve_model(cfg.inference.model)

@@ -205,6 +205,18 @@ def test_device_without_cuda_is_one_sentence(tmp_path, command, device):
     assert "without a model" not in r.stderr and "Expected one of" not in r.stderr
 
 
+def test_config_check_with_a_device_this_machine_lacks_is_one_sentence(tmp_path, port):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    toml = node_toml(tmp_path, port, inference={"model": "default", "device": "cuda"})
+    r = cli("config", "check", "--config", toml)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "[inference].device:" in lines[0] and "no usable CUDA GPU" in lines[0]
+
+
 def test_help_shows_section_names():
     r = cli("rules", "test", "--help")
     assert "[rules]" in r.stdout
