@@ -3,14 +3,17 @@ from the loops' heartbeats, so a stalled loop stops the watchdog pings."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Iterator
 
 import pytest
 
@@ -31,14 +34,18 @@ def get(port: int, path: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def stall(node: Node, loop: str) -> None:
-    """Make one stage loop hang in its step (as a deadlock would)."""
-    target = {"assembler": "_assemble_step", "dispatcher": "_dispatch_step"}[loop]
-    for lp in node._loops:
-        if lp.name == loop:
-            lp.step = lambda: time.sleep(3600)
+@contextlib.contextmanager
+def stall(node: Node, loop: str) -> Iterator[None]:
+    """Make one stage loop hang in its step (as a deadlock would) until the block ends; then it
+    returns, so the node stops without waiting out the loop's join timeout."""
+    release = threading.Event()
+    (lp,) = [lp for lp in node._loops if lp.name == loop]
+    lp.step = lambda: release.wait() and False
     node.heartbeats.bound = 1.0
-    assert target
+    try:
+        yield
+    finally:
+        release.set()
 
 
 def test_healthz_and_readyz_follow_each_condition(tmp_path, port):
@@ -67,10 +74,10 @@ def test_healthz_and_readyz_follow_each_condition(tmp_path, port):
         code, body = get(http, "/readyz")
         assert code == 503 and body["checks"]["scp"]["detail"] == "not listening"
 
-        stall(node, "assembler")
-        assert wait_for(lambda: get(http, "/healthz")[0] == 503, 5)
-        code, body = get(http, "/healthz")
-        assert not body["checks"]["loop:assembler"]["ok"] and body["checks"]["loop:dispatcher"]["ok"]
+        with stall(node, "assembler"):
+            assert wait_for(lambda: get(http, "/healthz")[0] == 503, 5)
+            code, body = get(http, "/healthz")
+            assert not body["checks"]["loop:assembler"]["ok"] and body["checks"]["loop:dispatcher"]["ok"]
 
 
 def test_the_spool_probe_sees_a_read_only_file_system(tmp_path):
@@ -109,12 +116,12 @@ def test_systemd_notify_ready_watchdog_and_a_stalled_loop(tmp_path, port, monkey
             first = messages(1.0)
             assert first[0] == "READY=1" and first[1].startswith("STATUS=0 series arriving, 0 waiting")
             assert first.count("WATCHDOG=1") >= 3
-            stall(node, "dispatcher")
-            messages(1.5)  # what was queued before, and pings until the 1 s heartbeat bound passes
-            later = messages(1.0)
-            assert "WATCHDOG=1" not in later, later
-            assert any(m.startswith("STATUS=unhealthy: loop:dispatcher") for m in later)
-            messages(0.3)  # drain, so the next message has room
+            with stall(node, "dispatcher"):
+                messages(1.5)  # what was queued before, and pings until the 1 s heartbeat bound passes
+                later = messages(1.0)
+                assert "WATCHDOG=1" not in later, later
+                assert any(m.startswith("STATUS=unhealthy: loop:dispatcher") for m in later)
+                messages(0.3)  # drain, so the next message has room
         assert "STOPPING=1" in messages(0.5)
     finally:
         sock.close()

@@ -69,7 +69,6 @@ def test_restart_in_the_middle_of_a_series_completes_it_afterwards(tmp_path, por
     files2 = make_series(tmp_path / "in2", slices=10, declare_size=False)
     with Node(cfg) as node:
         store(port, files2)
-    time.sleep(2.5)
     with Node(cfg) as node:
         jobs = wait_settled(node, 3)
         assert len(jobs) == 2 and all(j.state == "selected" for j in jobs)

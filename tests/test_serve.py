@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from conftest import dcmtk, free_port, run, wait_for_node
 from dicomfactory import make_series
-from nodehelpers import make_raw_config, write_toml
+from nodehelpers import make_raw_config, wait_for, write_toml
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +28,10 @@ def test_serve_receives_exposes_metrics_and_stops_on_sigterm(tmp_path, port):
         wait_for_node(proc, port, timeout=30)
         files = make_series(tmp_path / "in", slices=9, patient_name="SECRET^NAME")
         run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)])
-        time.sleep(1.5)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        metrics = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()  # noqa: E731
+        assert wait_for(lambda: 'dicomnode_jobs{state="selected"} 1.0' in metrics(), 30)  # complete, then selected
+        body = metrics()
         assert 'dicomnode_instances_received_total{result="success"} 9.0' in body
-        assert 'dicomnode_jobs{state="selected"} 1.0' in body
         assert "dicomnode_up 1.0" in body
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -105,7 +105,7 @@ def send_until_acknowledged(port: int, files: list[Path], acked: set[str], rng: 
 
 @pytest.mark.slow
 def test_seeded_kills_lose_nothing_and_duplicate_nothing(tmp_path):
-    rng = random.Random(20261201)
+    kill_rng, send_rng = random.Random(20261201), random.Random(20261202)  # one per thread: a seeded run repeats
     sink, port = Sink(), free_port()
     model = make_tiny_model(tmp_path / "tiny")
     raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 3.0, "settle_seconds": 0.2}, rules={"min_slices": 3},
@@ -121,19 +121,19 @@ def test_seeded_kills_lose_nothing_and_duplicate_nothing(tmp_path):
     def killer():
         nonlocal kills
         while kills < KILLS and not stop.is_set():
-            time.sleep(rng.uniform(0.3, 2.5))
+            time.sleep(kill_rng.uniform(0.3, 2.5))
             if stop.is_set():
                 return
             serve.kill()
             kills += 1
-            time.sleep(rng.choice([0.2, 1.0, 4.0]))  # 4 s is longer than quiet_seconds
+            time.sleep(kill_rng.choice([0.2, 1.0, 4.0]))  # 4 s is longer than quiet_seconds
             serve.start()
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
         for files in series:
-            send_until_acknowledged(port, files, acked, rng, serve)
+            send_until_acknowledged(port, files, acked, send_rng, serve)
         t.join(120)
         stop.set()
         if serve.proc.poll() is not None:
