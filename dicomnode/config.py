@@ -316,8 +316,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path
         raise ConfigError(f"{source}: top level: expected a table, got {type(raw).__name__}")
     try:
         cfg = Config.model_validate(raw, context={"base_dir": base_dir})
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+    except ValidationError as exc:  # every problem, one line each: a hospital fixes its file once
+        raise ConfigError("\n".join(f"{source}: {_describe(dict(error))}" for error in exc.errors())) from None
     cfg.source = source
     return cfg
 

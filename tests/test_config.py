@@ -96,3 +96,13 @@ def test_destination_timeouts_and_concurrency(tmp_path):
         load_config(write(tmp_path, base + "max_associations = 100\n"))
     with pytest.raises(ConfigError, match=r"\[dispatch\]\.timeout_seconds: unknown key"):
         load_config(write(tmp_path, base + "[dispatch]\ntimeout_seconds = 60.0\n"))
+
+
+def test_every_problem_is_reported_not_only_the_first(tmp_path):
+    p = write(tmp_path, "[node]\nport = '104'\nae_titel = 'X'\n[series]\nquiet_seconds = -1.0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and all(line.startswith(str(p)) for line in lines), lines
+    assert any("[node].port: expected int" in x for x in lines) and any("[node].ae_titel: unknown key" in x for x in lines)
+    assert any("[series].quiet_seconds: must be > 0" in x for x in lines)
