@@ -205,6 +205,19 @@ def test_device_without_cuda_is_one_sentence(tmp_path, command, device):
     assert "without a model" not in r.stderr and "Expected one of" not in r.stderr
 
 
+@pytest.mark.parametrize("command", ["pix2pix", "select", "cddpm", "finish", "evaluate"])
+@pytest.mark.parametrize("device", ["gpu", "cuda"])
+def test_training_device_without_cuda_is_one_sentence(tmp_path, command, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, "-m", "training", command, "--device", device], capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("--device:"), proc.stderr
+
+
 def test_config_check_with_a_device_this_machine_lacks_is_one_sentence(tmp_path, port):
     import torch
 

@@ -25,8 +25,28 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:<16} {text}")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    from dicomnode.synthesize import DeviceError, pick_device
+
+    try:
+        device = _option(argv[1:], "--device")
+        if device is not None:  # before any data is read: the same check and words as the dicomnode commands
+            pick_device(device)
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
+    except DeviceError as exc:
+        print(f"--device: {exc}", file=sys.stderr)
+        return 2
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of `name VALUE` or `name=VALUE` in argv, the last one given, or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 if __name__ == "__main__":

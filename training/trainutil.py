@@ -79,9 +79,11 @@ def seed_all(seed: int):
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    """--device as the node reads it (dicomnode.synthesize.pick_device): a device this machine
+    lacks raises DeviceError, which `python -m training` reports as one sentence."""
+    from dicomnode.synthesize import pick_device
+
+    return pick_device(name)
 
 
 def linear_decay(total: int, decay_start: float):
