@@ -46,6 +46,7 @@ POLL_ACTIVE = 0.0001  # s between DUL polls while an association is transferring
 POLL_IDLE = 0.001  # pynetdicom's default
 ACTIVE_WINDOW = 0.5  # s since the last PDU during which an association counts as transferring
 PACE_INTERVAL = 0.1  # s between two looks at the associations' activity
+MAX_UNREQUESTED = 64  # open connections without an A-ASSOCIATE-RQ, in all; as many closed ones being ended
 
 
 class _Handler(RequestHandler):
@@ -78,7 +79,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
                  allowed_networks: list = (), request_timeout: float = 5.0, max_pending_per_host: int = 4,
-                 max_pending: int = 64):
+                 max_pending: int = MAX_UNREQUESTED):
         self.allowed_networks = list(allowed_networks)
         self.request_timeout = request_timeout
         self.max_pending_per_host = max_pending_per_host
@@ -151,7 +152,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         with self._lock:
             for key, (accepted, ref, sock) in list(self._connections.items()):
                 assoc = ref() if ref is not None else None
-                if assoc is not None and assoc.is_alive():
+                # tracked before pynetdicom starts its thread: not started yet is alive too
+                if assoc is not None and (assoc.is_alive() or assoc.ident is None):
                     out.append((key[0], assoc, sock))
                 elif ref is None and now - accepted < self.request_timeout + 5:
                     out.append((key[0], None, sock))  # accepted; its thread has not created the association yet
@@ -159,11 +161,22 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                     del self._connections[key]
         return out if with_sockets else [(host, assoc) for host, assoc, _ in out]
 
+    def unrequested(self, host: str | None = None) -> tuple[int, int]:
+        """Connections (of one host, or all) that have not sent their A-ASSOCIATE-RQ: (open ones,
+        ones the peer has closed whose thread has not ended yet)."""
+        open_, closed = 0, 0
+        for h, a, sock in self._live(with_sockets=True):
+            if (a is None or a.requestor.primitive is None) and host in (None, h):
+                if _peer_closed(a, sock):
+                    closed += 1
+                else:
+                    open_ += 1
+        return open_, closed
+
     def pending(self, host: str | None = None) -> int:
         """Connections that have not sent their A-ASSOCIATE-RQ yet (of one host, or all), and
         that the peer has not closed."""
-        return sum(1 for h, a, sock in self._live(with_sockets=True)
-                   if (a is None or a.requestor.primitive is None) and host in (None, h) and not _peer_closed(a, sock))
+        return self.unrequested(host)[0]
 
     def requested(self) -> int:
         """Associations that have sent their request (negotiating or established)."""
@@ -179,10 +192,19 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         why = None
         if self.allowed_networks and not _allowed(host, self.allowed_networks):
             why = "not in allowed_hosts"
-        elif self.pending(host) >= self.max_pending_per_host:
-            why = f"{self.max_pending_per_host} connections from this host have not sent an A-ASSOCIATE-RQ yet"
-        elif self.pending() >= self.max_pending:
-            why = f"{self.max_pending} connections have not sent an A-ASSOCIATE-RQ yet"
+        else:
+            # Open connections without a request are capped per host and in all; so are closed ones
+            # whose thread is still being ended (they count against pynetdicom's association limit:
+            # a host that connects and closes faster than that would otherwise fill it). A closed
+            # connection does not count against the open ones: a good sender that shares its
+            # address with a broken client is not refused for the client's closed connections.
+            (host_open, host_closed), (all_open, all_closed) = self.unrequested(host), self.unrequested()
+            if host_open >= self.max_pending_per_host:
+                why = f"{self.max_pending_per_host} connections from this host have not sent an A-ASSOCIATE-RQ yet"
+            elif host_closed >= self.max_pending_per_host:
+                why = f"{self.max_pending_per_host} connections from this host closed before their A-ASSOCIATE-RQ"
+            elif all_open >= self.max_pending or all_closed >= self.max_pending:
+                why = f"{self.max_pending} connections have not sent an A-ASSOCIATE-RQ yet"
         if why is None:
             with self._lock:
                 self._connections[tuple(client_address[:2])] = [time.monotonic(), None, request]

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import Verification
 from dicomnode import logs
 from dicomnode.config import Config
 from dicomnode.journal import Instance, Journal
-from dicomnode.listener import start_server
+from dicomnode.listener import MAX_UNREQUESTED, start_server
 from dicomnode.spool import InvalidUID, Spool, check_uid, part10_header, write_atomic
 from dicomnode.wire import MalformedDataSet, check_encoded, check_image
 
@@ -102,9 +102,10 @@ class StoreSCP:
     def _make_ae(self) -> AE:
         node = self.cfg.node
         ae = AE(ae_title=node.ae_title)
-        # pynetdicom counts connections still waiting for their request too; the listener bounds
-        # those separately, and _on_requested enforces max_associations on real requests.
-        ae.maximum_associations = node.max_associations + 64
+        # pynetdicom counts connections still waiting for their request too (open, or closed and
+        # being ended); the listener bounds those separately, and _on_requested enforces
+        # max_associations on real requests.
+        ae.maximum_associations = node.max_associations + 2 * MAX_UNREQUESTED + 8
         ae.acse_timeout = node.acse_timeout
         ae.dimse_timeout = node.dimse_timeout
         ae.network_timeout = node.network_timeout
