@@ -161,22 +161,23 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                     del self._connections[key]
         return out if with_sockets else [(host, assoc) for host, assoc, _ in out]
 
-    def unrequested(self, host: str | None = None) -> tuple[int, int]:
-        """Connections (of one host, or all) that have not sent their A-ASSOCIATE-RQ: (open ones,
-        ones the peer has closed whose thread has not ended yet)."""
-        open_, closed = 0, 0
+    def unrequested(self, host: str | None = None) -> tuple[int, int, int, int]:
+        """Connections that have not sent their A-ASSOCIATE-RQ, in one pass: (open ones of `host`,
+        closed ones of `host` whose thread has not ended yet, open ones in all, closed ones in all)."""
+        counts = [0, 0, 0, 0]
         for h, a, sock in self._live(with_sockets=True):
-            if (a is None or a.requestor.primitive is None) and host in (None, h):
-                if _peer_closed(a, sock):
-                    closed += 1
-                else:
-                    open_ += 1
-        return open_, closed
+            if a is None or a.requestor.primitive is None:
+                closed = _peer_closed(a, sock)
+                counts[2 + closed] += 1
+                if h == host:
+                    counts[closed] += 1
+        return counts[0], counts[1], counts[2], counts[3]
 
     def pending(self, host: str | None = None) -> int:
         """Connections that have not sent their A-ASSOCIATE-RQ yet (of one host, or all), and
         that the peer has not closed."""
-        return self.unrequested(host)[0]
+        host_open, _, all_open, _ = self.unrequested(host)
+        return all_open if host is None else host_open
 
     def requested(self) -> int:
         """Associations that have sent their request (negotiating or established)."""
@@ -198,7 +199,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             # a host that connects and closes faster than that would otherwise fill it). A closed
             # connection does not count against the open ones: a good sender that shares its
             # address with a broken client is not refused for the client's closed connections.
-            (host_open, host_closed), (all_open, all_closed) = self.unrequested(host), self.unrequested()
+            host_open, host_closed, all_open, all_closed = self.unrequested(host)
             if host_open >= self.max_pending_per_host:
                 why = f"{self.max_pending_per_host} connections from this host have not sent an A-ASSOCIATE-RQ yet"
             elif host_closed >= self.max_pending_per_host:
