@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT / "tests"))
+sys.path.append(str(ROOT))  # the tests' helpers (tests.support)
 
 import dicomnode  # noqa: E402
 from dicomnode.scu import store_files  # noqa: E402
-
-from dicomfactory import make_series  # noqa: E402
+from tests.support.dicomfactory import make_series  # noqa: E402
 
 
 def storescp(folder: Path) -> tuple[subprocess.Popen, int]:

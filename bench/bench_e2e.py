@@ -1,4 +1,4 @@
-"""End-to-end latency of the node with the synthesiser (not a test; see docs/engine.md).
+"""End-to-end latency of the node with the synthesiser (not a test; see docs/benchmarks.md).
 
 Latency: a phantom series (default 15 slices, 320x320) is sent with the node's SCU to a node on
 loopback (the model in its inference process) that forwards to a local storage SCP; we report
@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicomnode.config import InferenceConfig  # noqa: E402
+from dicomnode.engine import Synthesis  # noqa: E402
 from dicomnode.infer.model import ModelError  # noqa: E402
-from dicomnode.node import Synthesis  # noqa: E402
 from dicomnode.synthesize import load_synthesizer  # noqa: E402
 from dicomnode.tools.demo import run_case  # noqa: E402
 from dicomnode.tools.phantom import write_case  # noqa: E402

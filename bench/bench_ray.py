@@ -30,10 +30,10 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from dicomnode.config import InferenceConfig  # noqa: E402
-from dicomnode.process import InferenceProcess, ProcessRequest  # noqa: E402
+from dicomnode.engine import InferenceRequest  # noqa: E402
+from dicomnode.localengine import InferenceProcess  # noqa: E402
 from dicomnode.records import ProcessResult  # noqa: E402
-
-from dicomfactory import make_series  # noqa: E402
+from tests.support.dicomfactory import make_series  # noqa: E402
 
 
 class SleepProcessor:
@@ -55,17 +55,17 @@ class SleepProcessor:
         return ProcessResult(out, {"infer": self.ms / 1000 * len(datasets)})
 
 
-def requests(work: Path, jobs: int, slices: int, size: int) -> list[ProcessRequest]:
+def requests(work: Path, jobs: int, slices: int, size: int) -> list[InferenceRequest]:
     out = []
     for k in range(jobs):
         files = make_series(work / "in" / f"s{k}", slices=slices, rows=size, cols=size, seed=k)
         ds = dcmread(files[0], stop_before_pixels=True)
-        out.append(ProcessRequest(k + 1, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+        out.append(InferenceRequest(k + 1, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                                   tuple(map(str, files)), str(work / "out" / f"job{k + 1}")))
     return out
 
 
-def run_all(engine, reqs: list[ProcessRequest], parallel: int) -> float:
+def run_all(engine, reqs: list[InferenceRequest], parallel: int) -> float:
     for r in reqs:
         shutil.rmtree(r.out_dir, ignore_errors=True)
         Path(r.out_dir).mkdir(parents=True)

@@ -34,9 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from dicomnode.node import Node  # noqa: E402
-
-from dicomfactory import make_series  # noqa: E402
-from nodehelpers import make_config  # noqa: E402
+from tests.support.dicomfactory import make_series  # noqa: E402
+from tests.support.nodehelpers import make_config  # noqa: E402
 
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"

@@ -2,7 +2,7 @@
 
 A series is complete when it has been quiet for `[series] quiet_seconds`, or earlier,
 `settle_seconds` (<= 1 s) after its last instance, when it declares its size and all of it is
-here (see Journal.declared_size_met). Deadlines are computed from times stored in the journal,
+here (`declared_size_met`). Deadlines are computed from times stored in the journal,
 so after a restart pending series resume and complete on the same schedule.
 """
 
@@ -15,6 +15,27 @@ from dicomnode.config import SeriesConfig
 from dicomnode.journal import JobState, Journal
 
 log = logging.getLogger("dicomnode.assemble")
+
+
+def declared_size_met(extent: list[tuple[int | None, int | None, str | None]]) -> bool:
+    """Whether a series says how big it is and all of it is here, from each instance's
+    (Images in Acquisition, Number of Frames, Image Position (Patient)).
+
+    A multi-frame instance (Number of Frames > 1) carries the whole series; otherwise Images in
+    Acquisition (0020,1002), when every instance agrees on it, must equal the number of distinct
+    positions received (or of instances, where positions are missing).
+    """
+    if not extent:
+        return False
+    if any((frames or 1) > 1 for _, frames, _ in extent):
+        return True
+    declared = {n for n, _, _ in extent}
+    if len(declared) != 1 or None in declared:
+        return False
+    (n,) = declared
+    positions = [p for _, _, p in extent]
+    have = len(set(positions)) if all(positions) else len(extent)
+    return n is not None and n > 0 and have >= n
 
 
 class Assembler:
@@ -36,7 +57,7 @@ class Assembler:
             quiet_for = now - max(job.last_instance_at, self.started_at)
             if quiet_for >= self.cfg.quiet_seconds:
                 out.append((job.id, "quiet"))
-            elif quiet_for >= self.cfg.settle_seconds and self.journal.declared_size_met(job.series_uid):
+            elif quiet_for >= self.cfg.settle_seconds and declared_size_met(self.journal.series_extent(job.series_uid)):
                 out.append((job.id, "declared"))
         return out
 
@@ -45,7 +66,10 @@ class Assembler:
         now = time.time() if now is None else now
         done = []
         for job_id, how in self.due(now):
-            instances = self.journal.instances(self.journal.job(job_id).series_uid)
+            job = self.journal.job(job_id)
+            if job is None:  # purged meanwhile
+                continue
+            instances = self.journal.instances(job.series_uid)
             callers = ", ".join(sorted({i.calling_aet or "?" for i in instances}))
             self.journal.transition(job_id, JobState.COMPLETE, expect=JobState.RECEIVED, completed_at=now,
                                     completion=how, note=f"{len(instances)} instances from {callers} ({how})")

@@ -65,7 +65,7 @@ def infer(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="A node.toml whose \\[rules] and \\[inference] sections apply."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on a Ray cluster at this address ('local': a "
-                                      "one-machine Ray); restartable archive mode. Needs dicomnode[ray]."),
+                                      "one-machine Ray); restartable archive mode. Needs dicomnode\\[ray]."),
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Model actors on the cluster (series at "
                                          "once); default: the config's [inference] ray_actors."),
 ) -> None:
@@ -118,7 +118,7 @@ def _infer_on_ray(in_dir, out_dir, cfg, inference, address, actors, select_all, 
         typer.echo("--ray needs Ray: pip install 'dicomnode[ray]'", err=True)
         raise typer.Exit(2)
     from dicomnode.cluster import RayEngine
-    from dicomnode.node import Synthesis
+    from dicomnode.engine import Synthesis
     from dicomnode.tools.offline import run_infer_cluster
 
     inference = inference.model_copy(update={"backend": "ray", "ray_address": address,

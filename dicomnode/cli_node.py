@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from dicomnode.journal import DeliveryState, JobState
+
 CONFIG_OPT = typer.Option(Path("/etc/dicomnode/node.toml"), "--config", "-c", help="The node's TOML config file.")
 # Options shared by the SCU commands (echo, send)
 AEC_OPT = typer.Option("DICOMNODE", "--aec", help="Called AE title.")
@@ -58,8 +60,9 @@ def _setup_logging(level: str) -> None:
 
 def serve(config: Path = CONFIG_OPT) -> None:
     """Run the node: receive, assemble, select, synthesise and dispatch until stopped (SIGTERM/SIGINT)."""
+    from .engine import Synthesis
     from .journal import JournalError
-    from .node import ModelStartError, Node, StartError, Synthesis
+    from .node import ModelStartError, Node, StartError
 
     cfg = _config(config)
     _setup_logging(cfg.logging.level)
@@ -199,6 +202,14 @@ def _journal(config: Path):
     return cfg, Journal(cfg.journal_path, audit_file=cfg.logging.audit_file)
 
 
+def _states(names: Optional[List[str]]) -> list[JobState]:
+    """--state values as JobStates; exit 2 naming the states when one is unknown."""
+    unknown = [s for s in names or [] if s not in JobState.__members__.values()]
+    if unknown:
+        raise fail(f"unknown state {unknown[0]!r}; the states are: {', '.join(JobState)}", 2)
+    return [JobState(s) for s in names or []]
+
+
 @queue_app.command("list")
 def queue_list(
     config: Path = CONFIG_OPT,
@@ -206,13 +217,9 @@ def queue_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List jobs with their state, reason and per-destination delivery state."""
-    from dicomnode.journal import STATES
-
-    unknown = [s for s in state or [] if s not in STATES]
-    if unknown:
-        raise fail(f"unknown state {unknown[0]!r}; the states are: {', '.join(STATES)}", 2)
+    states = _states(state)
     _, journal = _journal(config)
-    jobs = journal.jobs(state or None)
+    jobs = journal.jobs(states or None)
     rows = []
     for job in jobs:
         deliveries = {d.destination: {"state": d.state, "attempts": d.attempts, "last_error": d.last_error}
@@ -248,9 +255,9 @@ def queue_retry(
     _, journal = _journal(config)
     ids = list(job_ids or [])
     if all_dead:
-        ids += [j.id for j in journal.jobs(["dead_letter"])]
+        ids += [j.id for j in journal.jobs([JobState.DEAD_LETTER])]
     if all_failed:
-        ids += [j.id for j in journal.jobs(["failed"])]
+        ids += [j.id for j in journal.jobs([JobState.FAILED])]
     if not ids:
         typer.echo("nothing to retry (name job ids, or use --all-dead / --all-failed)", err=True)
         raise typer.Exit(2)
@@ -292,21 +299,18 @@ def queue_purge(
     force: bool = typer.Option(False, "--force", help="Also remove jobs whose results are undelivered."),
 ) -> None:
     """Remove jobs (and their output files) from the journal."""
-    from dicomnode.journal import ACTIVE_STATES, STATES
-
-    unknown = [s for s in state or [] if s not in STATES]
-    if unknown:
-        raise fail(f"unknown state {unknown[0]!r}; the states are: {', '.join(STATES)}", 2)
-    from dicomnode.retention import remove_job_files
+    from dicomnode.retention import purge_refused, remove_job_files
     from dicomnode.spool import Spool
 
+    states = _states(state)
     cfg, journal = _journal(config)
     spool = Spool(cfg.node.storage_dir)
-    jobs = [journal.job(i) for i in job_ids or []] + (journal.jobs(state) if state else [])
+    jobs = [journal.job(i) for i in job_ids or []] + (journal.jobs(states) if states else [])
     removed = 0
     for job in filter(None, jobs):
-        if (job.state in ACTIVE_STATES or job.state == "dead_letter") and not force:
-            typer.echo(f"job {job.id} is {job.state}: not purged (use --force)", err=True)
+        refused = purge_refused(job, force)
+        if refused:
+            typer.echo(refused, err=True)
             continue
         journal.purge_job(job.id)
         remove_job_files(journal, spool, job)  # received files go too, unless the series is still active
@@ -346,8 +350,8 @@ def status(
     cfg, journal = _journal(config)
     out = {"ae_title": cfg.node.ae_title, "address": f"{cfg.node.host}:{cfg.node.port}",
            "jobs": journal.state_counts(), "instances": journal.instance_count(),
-           "deliveries_pending": len(journal.deliveries(states=("pending",))),
-           "deliveries_dead_letter": len(journal.deliveries(states=("dead_letter",))),
+           "deliveries_pending": len(journal.deliveries(states=(DeliveryState.PENDING,))),
+           "deliveries_dead_letter": len(journal.deliveries(states=(DeliveryState.DEAD_LETTER,))),
            "spool_free_mb": round(Spool(cfg.node.storage_dir).free_mb())}
     if ping:
         calling = aet or (cfg.node.allowed_calling_aets[0] if cfg.node.allowed_calling_aets else "DICOMNODE-SCU")
@@ -380,18 +384,13 @@ def audit(
 ) -> None:
     """The audit trail from the journal: per series, each stage as it happened (received, complete,
     selected or ignored and why, processed, delivered or dead-lettered). No patient names or IDs."""
-    import datetime
+    from dicomnode.journal import parse_since
 
     cfg, journal = _journal(config)
-    start = None
-    if since:
-        try:
-            if since.endswith("h") and since[:-1].replace(".", "", 1).isdigit():
-                start = time.time() - float(since[:-1]) * 3600
-            else:
-                start = datetime.datetime.fromisoformat(since).timestamp()
-        except ValueError:
-            raise fail(f"--since: {since!r} is neither an ISO date/time nor hours like 24h", 2) from None
+    try:
+        start = parse_since(since, time.time()) if since else None
+    except ValueError as exc:
+        raise fail(f"--since: {exc}", 2) from None
     rows = journal.audit(series, start)
     for row in rows:
         row["time"] = _iso(row.pop("at"))

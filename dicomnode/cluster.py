@@ -5,8 +5,7 @@ the inference process moves: a pool of Ray actors, each holding the model loaded
 when the cluster has them), takes one job at a time. Nothing assumes a shared filesystem: the
 model's files and each series' bytes go to the actors through Ray's object store, and the encoded
 outputs come back as bytes, which the node writes to the job's spool folder as the local inference
-process would. From the process stage's side this is the same engine interface as
-`dicomnode.process.InferenceProcess` (`run`, `ready`, `status`, `ensure_started`, `stop`), with
+process would. It implements `dicomnode.engine.Engine`, as the local inference process does, with
 `capacity` jobs in flight at once.
 
 Failures map onto the same outcomes: an exception in the processor fails the job
@@ -29,7 +28,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicomnode.config import InferenceConfig
-from dicomnode.process import InferenceCrashed, InferenceFailed, InferenceTimeout, InferenceUnavailable, ProcessRequest
+from dicomnode.engine import (
+    EngineResult,
+    InferenceCrashed,
+    InferenceFailed,
+    InferenceRequest,
+    InferenceTimeout,
+    InferenceUnavailable,
+    ProcessorSpec,
+    Synthesis,
+    build_processor,
+    describe_processor,
+    output_name,
+    run_processor,
+)
 from dicomnode.spool import write_atomic
 
 log = logging.getLogger("dicomnode.cluster")
@@ -62,23 +74,20 @@ class ShippedModel:
 class SynthesisActor:
     """One model replica: builds the processor once, then runs jobs sent as bytes."""
 
-    def __init__(self, processor_spec: Any, model: ShippedModel | None = None):
-        if model is not None:  # a Synthesis recipe: load the shipped copy, not a path of the node's
+    def __init__(self, processor_spec: ProcessorSpec, model: ShippedModel | None = None):
+        if model is not None and isinstance(processor_spec, Synthesis):  # load the shipped copy of the model
             processor_spec = processor_spec.using_model(model.materialize())
-        self.processor = processor_spec() if not hasattr(processor_spec, "process") else processor_spec
+        self.processor = build_processor(processor_spec)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         import socket
 
-        return {"name": self.processor.name, "device": str(getattr(self.processor, "device", "cpu")),
-                "pid": os.getpid(), "host": socket.gethostname()}
+        return {**describe_processor(self.processor), "pid": os.getpid(), "host": socket.gethostname()}
 
-    def process(self, request: ProcessRequest, blobs: list[bytes]) -> dict:
+    def process(self, request: InferenceRequest, blobs: list[bytes]) -> dict[str, Any]:
         from io import BytesIO
 
         from pydicom import dcmread
-
-        from dicomnode.process import output_name, run_processor
 
         t0 = time.perf_counter()
         datasets = [dcmread(BytesIO(b)) for b in blobs]
@@ -100,7 +109,7 @@ class RayEngine:
 
     hold_jobs_while_unready = True  # an unreachable cluster: jobs wait in the queue, never fail
 
-    def __init__(self, processor_spec: Any, inference: InferenceConfig, *,
+    def __init__(self, processor_spec: ProcessorSpec, inference: InferenceConfig, *,
                  on_restart: Callable[[str], None] | None = None):
         self.processor_spec = processor_spec
         self.inference = inference
@@ -170,7 +179,7 @@ class RayEngine:
     def _init_ray(self, ray) -> None:
         inf = self.inference
         common = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-        if inf.ray_address == "local":  # one machine, sized for the actors (Ray listens on every interface: README)
+        if inf.ray_address == "local":  # one machine, sized for the actors (Ray listens on every interface)
             cpus = max(1, int(round(inf.ray_actors * inf.ray_cpus_per_actor + 0.4999)))
             ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
             self._started_ray = True
@@ -180,7 +189,6 @@ class RayEngine:
 
     def _create_actors(self, ray) -> None:
         from dicomnode.modelpath import resolve_model
-        from dicomnode.node import Synthesis
 
         inf = self.inference
         spec, model = self.processor_spec, None
@@ -203,7 +211,7 @@ class RayEngine:
                                                                      for i in infos))
 
     # -- jobs ------------------------------------------------------------------------------------
-    def run(self, request: ProcessRequest, timeout: float) -> dict:
+    def run(self, request: InferenceRequest, timeout: float) -> EngineResult:
         """Run one job on a free actor; write its outputs to `request.out_dir`."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError

@@ -7,6 +7,7 @@ are strict: a port written as "104" is an error, not a guess. Each stage receive
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
@@ -20,6 +21,13 @@ from pydantic.functional_validators import BeforeValidator
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class LatePolicy(enum.StrEnum):
+    """An instance for a series whose job has completed: a new job generation, or kept without one."""
+
+    REPROCESS = "reprocess"
+    IGNORE = "ignore"
 
 
 class ConfigError(ValueError):
@@ -104,7 +112,7 @@ class SeriesConfig(Section):
     quiet_seconds: Positive = 10.0  # complete after this long without a new instance
     # a series that declares its size completes this long after its last instance
     settle_seconds: Annotated[float, Field(ge=0, le=1.0)] = 0.5
-    late_instance_policy: Literal["reprocess", "ignore"] = "reprocess"
+    late_instance_policy: Annotated[LatePolicy, Field(strict=False)] = LatePolicy.REPROCESS
 
 
 class RulesConfig(Section):
@@ -208,7 +216,7 @@ class InferenceConfig(Section):
     start_timeout_seconds: Positive = 600.0  # for the inference process to load the model
     banner: bool = True
     # Where inference runs: "local" (the node's own inference process) or "ray" (model actors on a
-    # Ray cluster; needs `pip install 'dicomnode[ray]'`, docs/cluster.md).
+    # Ray cluster; needs `pip install 'dicomnode[ray]'`, docs/user-guide/ray-cluster.md).
     backend: Literal["local", "ray"] = "local"
     ray_address: str = "local"  # "local": a one-machine Ray started by the node; else "HOST:6379" or "ray://HOST:10001"
     ray_actors: Annotated[int, Field(ge=1, le=256)] = 1  # model actors = jobs in flight at once

@@ -13,7 +13,7 @@ of n instances is followed by a retry of the other n - k. A failed attempt is re
 capped exponential backoff and jitter; once the next attempt would fall past
 `give_up_after_seconds` from the first, the delivery goes to the dead letter (re-driven by
 `dicomnode queue retry`; `dicomnode queue resend` sends every instance again). Dispatch knows
-nothing about images: it sends files, named by their SOP Instance UID (`process.output_name`).
+nothing about images: it sends files, named by their SOP Instance UID (`engine.output_name`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from dicomnode.config import Config, DestinationConfig
-from dicomnode.journal import Delivery, Journal
+from dicomnode.journal import Delivery, DeliveryState, JobState, Journal
 from dicomnode.scu import AssociationFailed, Timeouts, client_tls_context, collect_files, store_files
 
 log = logging.getLogger("dicomnode.dispatch")
@@ -115,8 +115,8 @@ class Dispatcher:
             log.error("job %d: delivery to %s dead-lettered: unreachable for %.0f s: %s", delivery.job_id,
                       delivery.destination, now - first, error)
             self._count(delivery.destination, "dead_letter")
-            if self.metrics and state == "dead_letter":
-                self.metrics.jobs_finished.labels("dead_letter").inc()
+            if self.metrics and state == JobState.DEAD_LETTER:
+                self.metrics.jobs_finished.labels(JobState.DEAD_LETTER).inc()
         else:
             deferred.append((delivery.job_id, delivery.destination, until + self._rng.uniform(0, 1.0),
                              f"not attempted: destination held after: {error}"))
@@ -165,10 +165,10 @@ class Dispatcher:
         """One delivery attempt: True delivered, False failed; None when the job is not sending."""
         job = self.journal.job(delivery.job_id)
         dest = self.destinations.get(delivery.destination)
-        if job is None or job.state != "sending":
+        if job is None or job.state != JobState.SENDING:
             return None
         current = next((d for d in self.journal.deliveries(job.id) if d.destination == delivery.destination), None)
-        if current is None or current.state != "pending":  # settled meanwhile (e.g. a purge, a dead letter)
+        if current is None or current.state != DeliveryState.PENDING:  # settled meanwhile (e.g. a purge, a dead letter)
             return None
         started = time.perf_counter()
         sent: list[int] = [0, 0]  # [already acknowledged before this attempt, sent now]
@@ -187,8 +187,8 @@ class Dispatcher:
             log.info("job %d: delivered to %s in %.2f s (%d instances sent%s)", job.id, delivery.destination,
                      seconds, sent[1], resumed)
             self._count(delivery.destination, "delivered")
-            if self.metrics and state == "done":
-                self.metrics.jobs_finished.labels("done").inc()
+            if self.metrics and state == JobState.DONE:
+                self.metrics.jobs_finished.labels(JobState.DONE).inc()
                 self.metrics.stage_seconds.labels("dispatch").observe(seconds)
             return True
         attempts = current.attempts + 1
@@ -205,8 +205,8 @@ class Dispatcher:
             log.warning("job %d: delivery to %s failed (attempt %d, next in %.0f s): %s", job.id,
                         delivery.destination, attempts, delay, error)
         self._count(delivery.destination, "dead_letter" if dead else "failed")
-        if self.metrics and state == "dead_letter":
-            self.metrics.jobs_finished.labels("dead_letter").inc()
+        if self.metrics and state == JobState.DEAD_LETTER:
+            self.metrics.jobs_finished.labels(JobState.DEAD_LETTER).inc()
         return False
 
     def _send(self, job_id: int, dest: DestinationConfig, folder: Path, sent: list[int]) -> tuple[str | None, bool]:

@@ -167,7 +167,7 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
                       "a map of the model's uncertainty, not acquired PET")
         comments = (f"SYNTHETIC uncertainty map (K-sample SD) from {model_name} {model_version}. "
                     "Not acquired PET; not for diagnosis.")
-    out = []
+    out: list[Dataset] = []
     for number, (src, rgb) in enumerate(zip(sources, rgb_slices), start=1):
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -225,7 +225,7 @@ class SyntheticFusionImage(hd.sc.SCImage):
             if keyword in source:
                 self[keyword] = copy.deepcopy(source[keyword])
         if "BodyPartExamined" not in self and "Laterality" not in self:
-            self.Laterality = None  # Type 2C: the body part is unknown, so may be paired: present, empty
+            self.Laterality = ""  # Type 2C: the body part is unknown, so may be paired: present, empty
         if source.get("LossyImageCompression") == "01":
             self.LossyImageCompression = "01"
         self.ImageType = ["DERIVED", "SECONDARY"]

@@ -36,7 +36,8 @@ class SliceGeometry:
     @property
     def normal(self) -> tuple[float, float, float]:
         n = np.cross(self.orientation[:3], self.orientation[3:])
-        return tuple(float(v) for v in n / np.linalg.norm(n))
+        x, y, z = (float(v) for v in n / np.linalg.norm(n))
+        return x, y, z
 
     @property
     def location(self) -> float:

@@ -3,6 +3,11 @@
 Instances, jobs (one per series generation) and per-destination deliveries live here, with an
 audit trail of every state change. Each thread gets its own connection; the C-STORE handler's
 insert is committed before the handler returns success.
+
+The journal is a row store with a state machine: it records and reads rows and refuses a
+transition the machine does not allow. When a series is complete, what is selected, when a
+delivery is retried and which files retention removes are decided by the stage modules. The
+schema is the SQL files in `dicomnode/sql/`, applied in order at start.
 """
 
 from __future__ import annotations
@@ -10,15 +15,17 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import importlib.resources
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+from dicomnode.config import LatePolicy
 
 
 class JobState(enum.StrEnum):
@@ -52,96 +59,51 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     S.DEAD_LETTER: {S.SENDING},
 }
 STATES = tuple(s.value for s in JobState)
-ACTIVE_STATES = ("received", "complete", "selected", "processing", "encoded", "sending")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    calling_aet TEXT,
-    received_at REAL NOT NULL,
-    images_in_acquisition INTEGER,
-    number_of_frames INTEGER,
-    position TEXT
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 1,
-    state TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    last_instance_at REAL NOT NULL,
-    completed_at REAL,
-    completion TEXT,
-    rule TEXT,
-    reason TEXT,
-    error TEXT,
-    output_dir TEXT,
-    outputs INTEGER,
-    timings TEXT,
-    purged_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid);
-CREATE TABLE IF NOT EXISTS deliveries (
-    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    destination TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    first_attempt_at REAL,
-    next_attempt_at REAL NOT NULL,
-    delivered_at REAL,
-    last_error TEXT,
-    PRIMARY KEY (job_id, destination)
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    job_id INTEGER,
-    kind TEXT NOT NULL,
-    detail TEXT
-);
-"""
+ACTIVE_STATES = (S.RECEIVED, S.COMPLETE, S.SELECTED, S.PROCESSING, S.ENCODED, S.SENDING)  # not yet settled
 
 
-def _baseline(db: sqlite3.Connection) -> None:
-    """Schema 1: the tables as first released (a no-op on a journal that already has them)."""
-    for statement in filter(str.strip, _SCHEMA.split(";")):
-        db.execute(statement)
-    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '1')")
+class DeliveryState(enum.StrEnum):
+    """A delivery's state: due at `next_attempt_at`, acknowledged, or given up (`queue retry`)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD_LETTER = "dead_letter"
 
 
-def _job_attempts(db: sqlite3.Connection) -> None:
-    """Schema 2: how often a job's inference process crashed (for [inference] crash_retries)."""
-    db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+class Event(enum.StrEnum):
+    """Audit events other than a job entering a state (those are named by the JobState)."""
+
+    LATE_INSTANCE_IGNORED = "late_instance_ignored"
+    DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery_failed"
+    DELIVERY_DEAD_LETTER = "delivery_dead_letter"
+    PURGED = "purged"
+    RETENTION_REMOVED_FILES = "retention_removed_files"
 
 
-def _delivered_instances(db: sqlite3.Connection) -> None:
-    """Schema 3: which result instances each destination has acknowledged, so a retry sends only
-    the others. Rows go with their delivery (a purge, or new results for the job)."""
-    db.execute("""
-        CREATE TABLE delivered_instances (
-            job_id INTEGER NOT NULL,
-            destination TEXT NOT NULL,
-            sop_instance_uid TEXT NOT NULL,
-            at REAL NOT NULL,
-            PRIMARY KEY (job_id, destination, sop_instance_uid),
-            FOREIGN KEY (job_id, destination) REFERENCES deliveries(job_id, destination) ON DELETE CASCADE
-        )""")
+def _migrations() -> tuple[str, ...]:
+    """The SQL files, in order: the n-th takes a journal from schema n - 1 to n. PRAGMA
+    user_version holds the schema number. Append only; never edit a released file."""
+    folder = importlib.resources.files("dicomnode") / "sql"
+    return tuple(sorted(f.name for f in folder.iterdir() if f.name.endswith(".sql")))
 
 
-# Ordered migrations: MIGRATIONS[i] takes a journal from schema i to i + 1. PRAGMA user_version
-# holds the schema number. Append only; never edit a released migration.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_baseline, _job_attempts, _delivered_instances)
+def _statements(script: str) -> list[str]:
+    """A script's statements, one by one (executescript would commit the open transaction)."""
+    out, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        if not pending and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise JournalError(f"an SQL statement does not end: {pending.strip()[:80]!r}")
+    return out
+
+
+MIGRATIONS = _migrations()
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -159,7 +121,7 @@ class Job:
     series_uid: str
     study_uid: str
     generation: int
-    state: str
+    state: JobState
     created_at: float
     updated_at: float
     last_instance_at: float
@@ -200,17 +162,20 @@ class Instance:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One job's results on their way to one destination. `state`: pending (due at
-    `next_attempt_at`), delivered, or dead_letter (given up; `queue retry` re-queues it)."""
+    """One job's results on their way to one destination."""
 
     job_id: int
     destination: str
-    state: str
+    state: DeliveryState
     attempts: int
     first_attempt_at: float | None
     next_attempt_at: float
     delivered_at: float | None
     last_error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(**{**dict(row), "state": DeliveryState(row["state"])})
 
 
 @dataclass
@@ -218,7 +183,7 @@ class _Queued:
     """An instance waiting to be recorded by `Journal.record_instance`'s group commit."""
 
     inst: Instance
-    late_policy: str
+    late_policy: LatePolicy
     result: tuple[int | None, bool] | None = None
     error: Exception | None = None
     done: bool = False
@@ -245,9 +210,11 @@ class Journal:
             if found > SCHEMA_VERSION:
                 raise JournalError(f"{self.path} has journal schema {found}, newer than this dicomnode's "
                                    f"({SCHEMA_VERSION}); upgrade dicomnode, or use another storage_dir")
+        folder = importlib.resources.files("dicomnode") / "sql"
         for version in range(found, SCHEMA_VERSION):
             with self._tx() as db:
-                MIGRATIONS[version](db)
+                for statement in _statements((folder / MIGRATIONS[version]).read_text(encoding="utf-8")):
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {version + 1}")
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(version + 1),))
         return found
@@ -326,7 +293,7 @@ class Journal:
                 if entry[1] == 0:
                     del self._series_locks[series_uid]
 
-    def _event(self, db: sqlite3.Connection, job_id: int | None, kind: str, detail: str | None = None) -> None:
+    def _event(self, db: sqlite3.Connection, job_id: int | None, kind: JobState | Event, detail: str | None = None) -> None:
         """Record an event in the open transaction. Its line for the audit file waits in this
         thread's list until the transaction ends: written if it committed, dropped if not, so the
         file never tells of a change that did not happen."""
@@ -361,7 +328,7 @@ class Journal:
             logging.getLogger("dicomnode.journal").error("cannot append to the audit file: %s", exc)
 
     # -- instances --------------------------------------------------------------------------
-    def record_instance(self, inst: Instance, late_policy: str = "reprocess") -> tuple[int | None, bool]:
+    def record_instance(self, inst: Instance, late_policy: LatePolicy = LatePolicy.REPROCESS) -> tuple[int | None, bool]:
         """Record a stored instance and attach it to its series' open job; committed (fsynced)
         before it returns.
 
@@ -384,6 +351,8 @@ class Journal:
                 self._record_batch(batch)
         if item.error is not None:
             raise item.error
+        if item.result is None:
+            raise RuntimeError("the instance was not recorded")
         return item.result
 
     def _record_batch(self, batch: list["_Queued"]) -> None:
@@ -416,7 +385,7 @@ class Journal:
             for item in batch:
                 item.done = True
 
-    def _record_one(self, db: sqlite3.Connection, inst: Instance, late_policy: str) -> tuple[int | None, bool]:
+    def _record_one(self, db: sqlite3.Connection, inst: Instance, late_policy: LatePolicy) -> tuple[int | None, bool]:
         now = inst.received_at
         existed = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (inst.sop_instance_uid,)).fetchone()
         db.execute(
@@ -427,20 +396,20 @@ class Journal:
         )
         row = db.execute("SELECT id, state, generation FROM jobs WHERE series_uid=? ORDER BY id DESC LIMIT 1",
                          (inst.series_uid,)).fetchone()
-        if row is not None and row["state"] == "received":
+        if row is not None and row["state"] == JobState.RECEIVED:
             db.execute("UPDATE jobs SET last_instance_at=?, updated_at=? WHERE id=?", (now, now, row["id"]))
             return row["id"], not existed
-        if row is not None and late_policy == "ignore":
-            self._event(db, row["id"], "late_instance_ignored", inst.sop_instance_uid)
+        if row is not None and late_policy == LatePolicy.IGNORE:
+            self._event(db, row["id"], Event.LATE_INSTANCE_IGNORED, inst.sop_instance_uid)
             return None, not existed
         generation = 1 if row is None else row["generation"] + 1
         cur = db.execute(
             "INSERT INTO jobs(series_uid, study_uid, generation, state, created_at, updated_at, last_instance_at)"
             " VALUES (?,?,?,?,?,?,?)",
-            (inst.series_uid, inst.study_uid, generation, "received", now, now, now),
+            (inst.series_uid, inst.study_uid, generation, JobState.RECEIVED, now, now, now),
         )
         job_id = cur.lastrowid
-        self._event(db, job_id, "received", "reopened" if row is not None else None)
+        self._event(db, job_id, JobState.RECEIVED, "reopened" if row is not None else None)
         return job_id, not existed
 
     def instances(self, series_uid: str) -> list[Instance]:
@@ -454,36 +423,26 @@ class Journal:
     def instance_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
 
-    def declared_size_met(self, series_uid: str) -> bool:
-        """Whether the series says how big it is and all of it is here.
-
-        Heuristic (documented in the README): a multi-frame instance (Number of Frames > 1)
-        carries the whole series; otherwise Images in Acquisition (0020,1002), when every
-        instance agrees on it, must equal the number of distinct Image Position (Patient)
-        values received (or of instances where positions are missing).
-        """
-        rows = self.db.execute(
-            "SELECT images_in_acquisition AS n, number_of_frames AS f, position AS p FROM instances WHERE series_uid=?",
-            (series_uid,),
-        ).fetchall()
-        if not rows:
-            return False
-        if any((r["f"] or 1) > 1 for r in rows):
-            return True
-        declared = {r["n"] for r in rows}
-        if len(declared) != 1 or None in declared:
-            return False
-        (n,) = declared
-        positions = [r["p"] for r in rows]
-        have = len(set(positions)) if all(positions) else len(rows)
-        return n > 0 and have >= n
+    def series_extent(self, series_uid: str) -> list[tuple[int | None, int | None, str | None]]:
+        """(Images in Acquisition, Number of Frames, Image Position (Patient)) of each instance of
+        the series received so far: what it says about its own size."""
+        rows = self.db.execute("SELECT images_in_acquisition, number_of_frames, position FROM instances"
+                               " WHERE series_uid=?", (series_uid,))
+        return [(r[0], r[1], r[2]) for r in rows]
 
     # -- jobs -------------------------------------------------------------------------------
     def job(self, job_id: int) -> Job | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return Job.from_row(row) if row else None
 
-    def jobs(self, states: tuple[str, ...] | list[str] | None = None, limit: int | None = None) -> list[Job]:
+    def _job(self, job_id: int) -> Job:
+        """A job that must exist (it was just written)."""
+        job = self.job(job_id)
+        if job is None:
+            raise TransitionError(f"job {job_id} does not exist")
+        return job
+
+    def jobs(self, states: Sequence[JobState] | None = None, limit: int | None = None) -> list[Job]:
         sql, args = "SELECT * FROM jobs", []
         if states:
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
@@ -503,7 +462,7 @@ class Journal:
             counts[row[0]] = row[1]
         return counts
 
-    def transition(self, job_id: int, to: str, *, expect: str | tuple[str, ...] | None = None,
+    def transition(self, job_id: int, to: JobState, *, expect: JobState | tuple[JobState, ...] | None = None,
                    note: str | None = None, **fields: Any) -> Job:
         """Move a job to state `to`, checking the state machine; also set `fields` on the row.
         The audit event's detail is `note`, else the reason or error being recorded."""
@@ -515,7 +474,7 @@ class Journal:
                 raise TransitionError(f"job {job_id} does not exist")
             current = row["state"]
             allowed = (expect,) if isinstance(expect, str) else expect
-            if (allowed and current not in allowed) or to not in TRANSITIONS[current]:
+            if (allowed and current not in allowed) or to not in TRANSITIONS[JobState(current)]:
                 raise TransitionError(f"job {job_id}: cannot go from {current} to {to}")
             if "timings" in fields and isinstance(fields["timings"], dict):
                 fields["timings"] = json.dumps(fields["timings"])
@@ -525,25 +484,7 @@ class Journal:
                        (to, now, *fields.values(), job_id))
             detail = note or fields.get("reason") or fields.get("error")
             self._event(db, job_id, to, str(detail) if detail else None)
-        return self.job(job_id)  # type: ignore[return-value]
-
-    def update_job(self, job_id: int, **fields: Any) -> None:
-        if "timings" in fields and isinstance(fields["timings"], dict):
-            fields["timings"] = json.dumps(fields["timings"])
-        with self._tx() as db:
-            cols = ", ".join(f"{k}=?" for k in fields)
-            db.execute(f"UPDATE jobs SET {cols}, updated_at=? WHERE id=?", (*fields.values(), time.time(), job_id))
-
-    def recover(self, destinations: list[str]) -> list[int]:
-        """After a restart: jobs caught mid-processing go back to 'selected' to be redone, and
-        encoded jobs not yet handed to dispatch get their deliveries."""
-        ids = [j.id for j in self.jobs(["processing"])]
-        for job_id in ids:
-            self.transition(job_id, "selected", reason="recovered after restart")
-        for job in self.jobs(["encoded"]):
-            self.start_deliveries(job.id, destinations)
-            ids.append(job.id)
-        return ids
+        return self._job(job_id)
 
     def events(self, job_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM events WHERE job_id=? ORDER BY id", (job_id,))]
@@ -563,64 +504,67 @@ class Journal:
         return [dict(r) for r in self.db.execute(sql, args)]
 
     # -- deliveries -------------------------------------------------------------------------
-    def start_deliveries(self, job_id: int, destinations: list[str]) -> str:
+    def start_deliveries(self, job_id: int, destinations: list[str]) -> JobState:
         """encoded -> sending with one pending delivery per destination (done when there are
         none), in one transaction, so a crash cannot leave a job half handed to dispatch."""
         now = time.time()
-        to = "sending" if destinations else "done"
+        to = JobState.SENDING if destinations else JobState.DONE
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None or row["state"] != "encoded":
+            if row is None or row["state"] != JobState.ENCODED:
                 raise TransitionError(f"job {job_id}: cannot start deliveries from {row and row['state']}")
             for name in destinations:
                 db.execute("INSERT OR REPLACE INTO deliveries(job_id, destination, state, attempts, next_attempt_at)"
-                           " VALUES (?, ?, 'pending', 0, ?)", (job_id, name, now))
+                           " VALUES (?, ?, ?, 0, ?)", (job_id, name, DeliveryState.PENDING, now))
             db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (to, now, job_id))
             self._event(db, job_id, to)
         return to
 
-    def deliveries(self, job_id: int | None = None, states: tuple[str, ...] | None = None) -> list[Delivery]:
-        sql, args = "SELECT * FROM deliveries WHERE 1=1", []
+    def deliveries(self, job_id: int | None = None, states: Sequence[DeliveryState] | None = None) -> list[Delivery]:
+        sql, args = "SELECT * FROM deliveries WHERE 1=1", list[Any]()
         if job_id is not None:
             sql += " AND job_id=?"
             args.append(job_id)
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += list(states)
-        return [Delivery(**dict(r)) for r in self.db.execute(sql + " ORDER BY job_id, destination", args)]
+        return [Delivery.from_row(r) for r in self.db.execute(sql + " ORDER BY job_id, destination", args)]
 
     def due_deliveries(self, now: float) -> list[Delivery]:
-        rows = self.db.execute("SELECT * FROM deliveries WHERE state='pending' AND next_attempt_at<=? "
-                               "ORDER BY next_attempt_at", (now,))
-        return [Delivery(**dict(r)) for r in rows]
+        rows = self.db.execute("SELECT * FROM deliveries WHERE state=? AND next_attempt_at<=? "
+                               "ORDER BY next_attempt_at", (DeliveryState.PENDING, now))
+        return [Delivery.from_row(r) for r in rows]
 
     def record_attempt(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
-                       next_attempt_at: float | None = None, dead: bool = False) -> str:
+                       next_attempt_at: float | None = None, dead: bool = False) -> JobState | None:
         """Record one delivery attempt; settle the job when every delivery has an outcome.
 
-        Returns the job's state afterwards.
+        Returns the job's state afterwards (None: the job has been purged meanwhile).
         """
         now = time.time()
+        pending = DeliveryState.PENDING
         with self._tx() as db:
             if ok:
-                cur = db.execute("UPDATE deliveries SET state='delivered', attempts=attempts+1, delivered_at=?,"
+                cur = db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, delivered_at=?,"
                                  " first_attempt_at=COALESCE(first_attempt_at, ?), last_error=NULL"
-                                 " WHERE job_id=? AND destination=? AND state='pending'", (now, now, job_id, destination))
+                                 " WHERE job_id=? AND destination=? AND state=?",
+                                 (DeliveryState.DELIVERED, now, now, job_id, destination, pending))
             else:
                 cur = db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?,"
                                  " first_attempt_at=COALESCE(first_attempt_at, ?), next_attempt_at=?"
-                                 " WHERE job_id=? AND destination=? AND state='pending'",
-                                 ("dead_letter" if dead else "pending", error, now, next_attempt_at or now, job_id,
-                                  destination))
+                                 " WHERE job_id=? AND destination=? AND state=?",
+                                 (DeliveryState.DEAD_LETTER if dead else pending, error, now, next_attempt_at or now,
+                                  job_id, destination, pending))
             if cur.rowcount == 0:  # settled meanwhile (purged, dead-lettered, re-queued by an operator)
                 row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-                return row["state"] if row else "purged"
-            self._event(db, job_id, "delivered" if ok else ("delivery_dead_letter" if dead else "delivery_failed"),
-                        f"{destination}: {error}" if error else f"{destination}: stored")
-            states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id=?", (job_id,))}
-        if "pending" in states:
-            return "sending"
-        return self.transition(job_id, "dead_letter" if "dead_letter" in states else "done", expect="sending").state
+                return JobState(row["state"]) if row else None
+            kind = Event.DELIVERED if ok else (Event.DELIVERY_DEAD_LETTER if dead else Event.DELIVERY_FAILED)
+            self._event(db, job_id, kind, f"{destination}: {error}" if error else f"{destination}: stored")
+            states = {DeliveryState(r[0]) for r in db.execute("SELECT state FROM deliveries WHERE job_id=?", (job_id,))}
+        if pending in states:
+            return JobState.SENDING
+        settled = JobState.DEAD_LETTER if DeliveryState.DEAD_LETTER in states else JobState.DONE
+        return self.transition(job_id, settled, expect=JobState.SENDING).state
 
     def record_instance_delivered(self, job_id: int, destination: str, sop_instance_uid: str) -> None:
         """The destination answered success for this result instance: committed before the next
@@ -637,8 +581,9 @@ class Journal:
         with self._tx() as db:
             db.executemany("UPDATE deliveries SET next_attempt_at=?, last_error=?,"
                            " first_attempt_at=COALESCE(first_attempt_at, ?)"
-                           " WHERE job_id=? AND destination=? AND state='pending'",
-                           [(until, why, now, job_id, destination) for job_id, destination, until, why in deferrals])
+                           " WHERE job_id=? AND destination=? AND state=?",
+                           [(until, why, now, job_id, destination, DeliveryState.PENDING)
+                            for job_id, destination, until, why in deferrals])
 
     def delivered_instances(self, job_id: int, destination: str) -> set[str]:
         """SOP Instance UIDs of the job's results that the destination has acknowledged."""
@@ -646,7 +591,7 @@ class Journal:
                                (job_id, destination))
         return {r[0] for r in rows}
 
-    def resend(self, job_id: int, destinations: list[str] | None = None) -> str:
+    def resend(self, job_id: int, destinations: list[str] | None = None) -> JobState:
         """An operator asks for results to be sent again, all of them, also those a destination
         has acknowledged: the job's deliveries (or those to `destinations`) start afresh."""
         now = time.time()
@@ -654,7 +599,7 @@ class Journal:
             row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise TransitionError(f"job {job_id} does not exist")
-            if row["state"] not in ("done", "dead_letter", "sending"):
+            if row["state"] not in (JobState.DONE, JobState.DEAD_LETTER, JobState.SENDING):
                 raise TransitionError(f"job {job_id} is {row['state']}; only done, sending or dead_letter jobs "
                                       "have results to send again")
             names = [r[0] for r in db.execute("SELECT destination FROM deliveries WHERE job_id=?", (job_id,))]
@@ -663,28 +608,28 @@ class Journal:
                 raise TransitionError(f"job {job_id} has no delivery to {', '.join(destinations or []) or 'any destination'}")
             for name in names:
                 db.execute("DELETE FROM delivered_instances WHERE job_id=? AND destination=?", (job_id, name))
-                db.execute("UPDATE deliveries SET state='pending', attempts=0, first_attempt_at=NULL, delivered_at=NULL,"
-                           " next_attempt_at=? WHERE job_id=? AND destination=?", (now, job_id, name))
-            db.execute("UPDATE jobs SET state='sending', updated_at=? WHERE id=?", (now, job_id))
-            self._event(db, job_id, "sending", f"resend of every instance requested: {', '.join(names)}")
-        return "sending"
+                db.execute("UPDATE deliveries SET state=?, attempts=0, first_attempt_at=NULL, delivered_at=NULL,"
+                           " next_attempt_at=? WHERE job_id=? AND destination=?", (DeliveryState.PENDING, now, job_id, name))
+            db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (JobState.SENDING, now, job_id))
+            self._event(db, job_id, JobState.SENDING, f"resend of every instance requested: {', '.join(names)}")
+        return JobState.SENDING
 
-    def retry(self, job_id: int) -> str:
+    def retry(self, job_id: int) -> JobState:
         """Re-drive a job: dead-letter deliveries are re-queued; a failed job is processed again."""
         job = self.job(job_id)
         if job is None:
             raise TransitionError(f"job {job_id} does not exist")
-        if job.state == "dead_letter":
+        if job.state == JobState.DEAD_LETTER:
             now = time.time()
             with self._tx() as db:  # one transaction: dispatch never sees pending deliveries of a dead job
-                db.execute("UPDATE deliveries SET state='pending', attempts=0, first_attempt_at=NULL, next_attempt_at=?"
-                           " WHERE job_id=? AND state='dead_letter'", (now, job_id))
-                db.execute("UPDATE jobs SET state='sending', updated_at=? WHERE id=? AND state='dead_letter'",
-                           (now, job_id))
-                self._event(db, job_id, "sending", "retry requested")
-            return "sending"
-        if job.state == "failed":
-            return self.transition(job_id, "selected", reason="retry requested", error=None).state
+                db.execute("UPDATE deliveries SET state=?, attempts=0, first_attempt_at=NULL, next_attempt_at=?"
+                           " WHERE job_id=? AND state=?", (DeliveryState.PENDING, now, job_id, DeliveryState.DEAD_LETTER))
+                db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=? AND state=?",
+                           (JobState.SENDING, now, job_id, JobState.DEAD_LETTER))
+                self._event(db, job_id, JobState.SENDING, "retry requested")
+            return JobState.SENDING
+        if job.state == JobState.FAILED:
+            return self.transition(job_id, JobState.SELECTED, reason="retry requested", error=None).state
         raise TransitionError(f"job {job_id} is {job.state}; only failed or dead_letter jobs can be retried")
 
     # -- retention --------------------------------------------------------------------------
@@ -692,12 +637,12 @@ class Journal:
         with self._tx() as db:
             db.execute("DELETE FROM deliveries WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-            self._event(db, job_id, "purged")
+            self._event(db, job_id, Event.PURGED)
 
     def mark_purged(self, job_id: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET purged_at=? WHERE id=?", (time.time(), job_id))
-            self._event(db, job_id, "retention_removed_files")
+            self._event(db, job_id, Event.RETENTION_REMOVED_FILES)
 
     def forget_series_instances(self, series_uid: str) -> None:
         with self._tx() as db:
@@ -707,12 +652,24 @@ class Journal:
         q = f"SELECT 1 FROM jobs WHERE series_uid=? AND state IN ({','.join('?' * len(ACTIVE_STATES))}) LIMIT 1"
         return self.db.execute(q, (series_uid, *ACTIVE_STATES)).fetchone() is not None
 
-    def iter_jobs_for_retention(self, older_than: float) -> Iterator[Job]:
-        rows = self.db.execute("SELECT * FROM jobs WHERE state IN ('done','ignored','failed') AND purged_at IS NULL"
-                               " AND updated_at < ? ORDER BY id", (older_than,)).fetchall()
-        return (Job.from_row(r) for r in rows)
+    def unpurged_jobs(self, states: Sequence[JobState], updated_before: float) -> list[Job]:
+        """Jobs in `states` last changed before `updated_before` whose files are still there."""
+        rows = self.db.execute(f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) AND purged_at IS NULL"
+                               " AND updated_at < ? ORDER BY id", (*states, updated_before)).fetchall()
+        return [Job.from_row(r) for r in rows]
 
 
 def iso_time(at: float) -> str:
     """ISO 8601 local time with milliseconds and the UTC offset, e.g. 2026-12-06T04:10:00.123+01:00."""
     return datetime.datetime.fromtimestamp(at).astimezone().isoformat(timespec="milliseconds")
+
+
+def parse_since(text: str, now: float) -> float:
+    """The start of an audit query: an ISO 8601 date or date/time (local time unless it has an
+    offset), or hours before `now` such as "24h" or "1.5h"."""
+    if text.endswith("h") and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * 3600
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO date/time nor hours like 24h") from None

@@ -35,6 +35,7 @@ import ssl
 import threading
 import time
 import weakref
+from typing import Sequence
 
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -51,6 +52,8 @@ MAX_UNREQUESTED = 64  # open connections without an A-ASSOCIATE-RQ, in all; as m
 
 class _Handler(RequestHandler):
     """Creates the association with the short request deadline; `on_requested` restores acse_timeout."""
+
+    server: GuardedAssociationServer
 
     def _create_association(self):
         assoc = super()._create_association()
@@ -78,7 +81,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     daemon_threads = True
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
-                 allowed_networks: list = (), request_timeout: float = 5.0, max_pending_per_host: int = 4,
+                 allowed_networks: Sequence = (), request_timeout: float = 5.0, max_pending_per_host: int = 4,
                  max_pending: int = MAX_UNREQUESTED):
         self.allowed_networks = list(allowed_networks)
         self.request_timeout = request_timeout
@@ -109,7 +112,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         ACTIVE_WINDOW (pynetdicom restarts the DUL's idle timer on every PDU) is transferring.
         One transfer alone is bound by polling latency: POLL_ACTIVE. Several at once are bound by
         the GIL, and every early wake-up takes it from a thread with work: the delay grows with
-        the square of their number up to POLL_IDLE (bench/bench_receive.py; docs/benchmarks.md).
+        the square of their number up to POLL_IDLE (bench/bench_receive.py; docs/experiments/node-performance.md).
         Idle associations poll at POLL_IDLE, pynetdicom's own default."""
         live = [a for _, a in self._live() if a is not None]
         active = []
@@ -185,7 +188,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     # -- the accept loop -----------------------------------------------------------------------
     def get_request(self):
-        return self.socket.accept()  # TLS is negotiated later, in the connection's own thread
+        sock = self.socket
+        if sock is None:
+            raise OSError("the server is closed")
+        return sock.accept()  # TLS is negotiated later, in the connection's own thread
 
     def verify_request(self, request, client_address) -> bool:
         host = client_address[0]

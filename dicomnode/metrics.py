@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+from dicomnode.journal import DeliveryState
 
 if TYPE_CHECKING:
     from dicomnode.journal import Journal
@@ -31,7 +33,7 @@ class _JournalCollector:
         pending = GaugeMetricFamily("dicomnode_deliveries", "Deliveries by destination and state",
                                     labels=["destination", "state"])
         counts: dict[tuple[str, str], int] = {}
-        for d in self.journal.deliveries(states=("pending", "dead_letter")):
+        for d in self.journal.deliveries(states=(DeliveryState.PENDING, DeliveryState.DEAD_LETTER)):
             counts[(d.destination, d.state)] = counts.get((d.destination, d.state), 0) + 1
         for (dest, state), n in counts.items():
             pending.add_metric([dest, state], n)
@@ -69,7 +71,3 @@ class Metrics:
         result = "success" if status == 0 else f"0x{status:04X}"
         self.instances.labels(result).inc()
         self.store_seconds.observe(seconds)
-
-    def serve(self, host: str, port: int):
-        """Expose /metrics over HTTP; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)

@@ -43,4 +43,4 @@ def resolve_model(model: str) -> Path:
             return path
     what = f"the shipped model {name!r}" if model == "default" else f"model {name!r}"
     raise ModelError(f"{what} not found; looked for model.json in: {', '.join(map(str, tried))}. "
-                     "Train/export one (docs/models.md), set DICOMNODE_MODELS, or give a folder path")
+                     "Train/export one (docs/user-guide/research/training.md), set DICOMNODE_MODELS, or give a folder path")

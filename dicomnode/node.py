@@ -5,7 +5,8 @@ receive -> spool + journal -> assemble (completion) -> selection (rules)
 
 Each stage after the receiver runs in its own loop thread and talks to the others only
 through the journal; a `threading.Event` wakes a loop early when there is new work. The
-processor itself (the model) lives in a separate process (`dicomnode.process`).
+processor itself (the model) runs in an inference engine (`dicomnode.engine`): a child process
+(`dicomnode.localengine`) or a pool of Ray actors (`dicomnode.cluster`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Callable
 
 from dicomnode import netinternals
 from dicomnode.assemble import Assembler
-from dicomnode.config import Config, InferenceConfig
+from dicomnode.config import Config
 from dicomnode.dispatch import Dispatcher
+from dicomnode.engine import Engine, InferenceCrashed, ProcessorSpec
 from dicomnode.health import Check, Heartbeats, HttpEndpoints, Report, SystemdNotifier, writable
 from dicomnode.infer import heap
-from dicomnode.journal import JobState, Journal
+from dicomnode.journal import ACTIVE_STATES, Job, JobState, Journal
+from dicomnode.localengine import InferenceProcess
 from dicomnode.metrics import Metrics
-from dicomnode.process import InferenceCrashed, InferenceProcess, ProcessStage
+from dicomnode.process import ProcessStage, recover
 from dicomnode.receive import StoreSCP
 from dicomnode.retention import start_scheduler
 from dicomnode.selection import Selector
@@ -47,26 +49,6 @@ class StartError(RuntimeError):
 
 class ModelStartError(StartError):
     """The inference process could not build its processor (load the model)."""
-
-
-@dataclass(frozen=True)
-class Synthesis:
-    """The processor `serve` runs: a picklable recipe that loads the model named by [inference]
-    inside the inference process (the node's own process never imports torch)."""
-
-    inference: InferenceConfig
-    uncertainty: bool = False  # [output] uncertainty
-
-    def using_model(self, folder) -> "Synthesis":
-        """The same recipe with the model loaded from `folder` (a Ray actor's copy of the model)."""
-        return replace(self, inference=self.inference.model_copy(update={"model": str(folder)}))
-
-    def __call__(self):
-        from dicomnode.synthesize import load_synthesizer
-
-        synthesizer = load_synthesizer(self.inference, uncertainty=self.uncertainty)
-        synthesizer.warm_up()  # one-off kernel and allocator set-up happens now, not in the first job
-        return synthesizer
 
 
 def _bind_error(what: str, key: str, host: str, port: int, exc: OSError) -> StartError:
@@ -100,7 +82,7 @@ class Node:
     """`processor`: None (receive, select and dispatch only), a picklable Processor, or a picklable
     factory that builds one (e.g. `Synthesis`); it runs in the inference process."""
 
-    def __init__(self, cfg: Config, processor: Any = None, *, serve_metrics: bool = True,
+    def __init__(self, cfg: Config, processor: ProcessorSpec | None = None, *, serve_metrics: bool = True,
                  on_progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
         self.spool = Spool(cfg.node.storage_dir)
@@ -119,13 +101,13 @@ class Node:
         self._stop = threading.Event()
         self._loops: list[_Loop] = []
         self._scheduler = None
-        self._metrics_server = None
+        self._metrics_server: HttpEndpoints | None = None
         self._last_trim = time.monotonic()
         self._in_flight: set[int] = set()  # job ids being processed by the pool (engines of capacity > 1)
         self._in_flight_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
-    def _make_engine(self, processor: Any, on_progress):
+    def _make_engine(self, processor: ProcessorSpec, on_progress: Callable[[int, int], None] | None) -> Engine:
         inference = self.cfg.inference
         if inference.backend == "ray":
             from dicomnode.cluster import RayEngine  # imports Ray; only when configured
@@ -140,7 +122,7 @@ class Node:
             self._last_trim = time.monotonic()
             heap.trim()
         completed = self.assembler.complete_due()
-        for job in self.journal.jobs(["complete"]):
+        for job in self.journal.jobs([JobState.COMPLETE]):
             try:
                 self.selector.select(job)
             except Exception as exc:  # one malformed series must not stall selection of the others
@@ -151,34 +133,35 @@ class Node:
         return bool(completed)
 
     def _work_step(self) -> bool:
-        if self.worker is None:
+        worker, engine = self.worker, self.engine
+        if worker is None or engine is None:
             return False
-        self.engine.ensure_started()
-        if not self.worker.flush():  # an earlier outcome still waits for the journal (disk full)
+        engine.ensure_started()
+        if not worker.flush():  # an earlier outcome still waits for the journal (disk full)
             return False
-        if self.engine.hold_jobs_while_unready and not self.engine.ready:
+        if engine.hold_jobs_while_unready and not engine.ready:
             return False  # e.g. the Ray cluster is unreachable: jobs stay 'selected'
         if self._pool is None:  # one job at a time, on this thread
             jobs = self.journal.jobs([JobState.SELECTED], limit=1)
             if not jobs or self._stop.is_set():
                 return False
-            if self.worker.process(jobs[0]) == JobState.SENDING:
+            if worker.process(jobs[0]) == JobState.SENDING:
                 self._wake("dispatcher")
             return True
         with self._in_flight_lock:
-            free = self.engine.capacity - len(self._in_flight)
+            free = engine.capacity - len(self._in_flight)
             if free <= 0 or self._stop.is_set():
                 return False
-            jobs = [j for j in self.journal.jobs([JobState.SELECTED], limit=self.engine.capacity * 2)
+            jobs = [j for j in self.journal.jobs([JobState.SELECTED], limit=engine.capacity * 2)
                     if j.id not in self._in_flight][:free]
             self._in_flight.update(j.id for j in jobs)
         for job in jobs:
-            self._pool.submit(self._process_in_pool, job)
+            self._pool.submit(self._process_in_pool, job, worker)
         return False  # the pool's threads wake this loop when a slot frees up
 
-    def _process_in_pool(self, job) -> None:
+    def _process_in_pool(self, job: Job, worker: ProcessStage) -> None:
         try:
-            if self.worker.process(job) == JobState.SENDING:
+            if worker.process(job) == JobState.SENDING:
                 self._wake("dispatcher")
         except Exception:  # ProcessStage records every outcome; this is the last line of defence
             log.exception("job %d: unexpected error in the processing pool", job.id)
@@ -209,7 +192,7 @@ class Node:
         orphans = self.spool.remove_orphans()
         if orphans:
             log.warning("removed %d temporary file(s) left by an interrupted write", orphans)
-        recovered = self.journal.recover([d.name for d in self.cfg.destinations])
+        recovered = recover(self.journal, [d.name for d in self.cfg.destinations])
         if recovered:
             log.warning("re-queued %d job(s) interrupted by a restart", len(recovered))
         if self.engine is None:
@@ -317,8 +300,8 @@ class Node:
         deadline = time.time() + timeout
         while time.time() < deadline:
             counts = self.journal.state_counts()
-            if not any(counts[s] for s in ("received", "complete", "processing", "encoded", "sending")) and \
-                    not (counts["selected"] and self.worker is not None):
+            busy = [s for s in ACTIVE_STATES if s != JobState.SELECTED or self.worker is not None]
+            if not any(counts[s] for s in busy):
                 return True
             time.sleep(0.05)
         return False

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import Verification
 from dicomnode import logs
 from dicomnode.config import Config
 from dicomnode.journal import Instance, Journal
-from dicomnode.listener import MAX_UNREQUESTED, start_server
+from dicomnode.listener import MAX_UNREQUESTED, GuardedAssociationServer, start_server
 from dicomnode.spool import InvalidUID, Spool, check_uid, part10_header, write_atomic
 from dicomnode.wire import MalformedDataSet, check_encoded, check_image
 
@@ -70,7 +70,7 @@ def preferred_transfer_syntaxes() -> list[str]:
 
 def _int_or_none(value: object) -> int | None:
     try:
-        return int(value) if value not in (None, "") else None  # type: ignore[arg-type]
+        return int(value) if isinstance(value, (int, float, str, bytes)) and value != "" else None
     except (TypeError, ValueError):
         return None
 
@@ -95,7 +95,7 @@ class StoreSCP:
         self.spool = spool
         self.journal = journal
         self.metrics = metrics
-        self._server = None
+        self._server: GuardedAssociationServer | None = None
         self._allowed_nets = [ipaddress.ip_network(h, strict=False) for h in cfg.node.allowed_hosts]
         self.ae = self._make_ae()
 
@@ -115,7 +115,8 @@ class StoreSCP:
         syntaxes = preferred_transfer_syntaxes()
         ae.add_supported_context(Verification, syntaxes)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
         return ae
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -220,11 +221,9 @@ class StoreSCP:
                             sop_class)
                 return STATUS_DATASET_MISMATCH
             transfer_syntax = str(ts)
-            record = dict(
-                images_in_acquisition=_int_or_none(ds.get("ImagesInAcquisition")),
-                number_of_frames=_int_or_none(ds.get("NumberOfFrames")),
-                position=_position_key(ds),
-            )
+            images_in_acquisition = _int_or_none(ds.get("ImagesInAcquisition"))
+            number_of_frames = _int_or_none(ds.get("NumberOfFrames"))
+            position = _position_key(ds)
         except (InvalidUID, MalformedDataSet) as exc:
             log.warning("C-STORE from %r refused (0x%04X): %s", calling, STATUS_CANNOT_UNDERSTAND, printable(exc))
             return STATUS_CANNOT_UNDERSTAND
@@ -250,7 +249,9 @@ class StoreSCP:
                 self.journal.record_instance(
                     Instance(sop_instance_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
                              sop_class_uid=sop_class, transfer_syntax=transfer_syntax,
-                             path=str(path), size=size, calling_aet=calling, received_at=time.time(), **record),
+                             path=str(path), size=size, calling_aet=calling, received_at=time.time(),
+                             images_in_acquisition=images_in_acquisition, number_of_frames=number_of_frames,
+                             position=position),
                     late_policy=self.cfg.series.late_instance_policy,
                 )
             except Exception as exc:

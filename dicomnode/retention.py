@@ -12,10 +12,20 @@ import time
 from pathlib import Path
 
 from dicomnode.config import RetentionConfig
-from dicomnode.journal import Job, Journal
+from dicomnode.journal import ACTIVE_STATES, Job, JobState, Journal
 from dicomnode.spool import Spool
 
 log = logging.getLogger("dicomnode.retention")
+
+EXPIRES = (JobState.DONE, JobState.IGNORED, JobState.FAILED)  # states whose files expire after keep_hours
+
+
+def purge_refused(job: Job, force: bool = False) -> str | None:
+    """Why an operator's purge leaves `job` alone (None: it may go). A job still being worked on,
+    or whose results are undelivered, goes only with `force`."""
+    if force or (job.state not in ACTIVE_STATES and job.state != JobState.DEAD_LETTER):
+        return None
+    return f"job {job.id} is {job.state}: not purged (use --force)"
 
 
 def remove_job_files(journal: Journal, spool: Spool, job: Job) -> None:
@@ -35,7 +45,7 @@ def sweep(cfg: RetentionConfig, journal: Journal, spool: Spool, now: float | Non
     """Remove expired files; return the number of jobs whose files were removed."""
     cutoff = (time.time() if now is None else now) - cfg.keep_hours * 3600
     removed = 0
-    for job in journal.iter_jobs_for_retention(cutoff):
+    for job in journal.unpurged_jobs(EXPIRES, updated_before=cutoff):
         try:
             remove_job_files(journal, spool, job)
             journal.mark_purged(job.id)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from dicomnode.config import RulesConfig
-from dicomnode.journal import Job, Journal
+from dicomnode.journal import Job, JobState, Journal
 from dicomnode.rules import Decision, evaluate, read_headers
 
 log = logging.getLogger("dicomnode.select")
@@ -36,15 +36,15 @@ class Selector:
             decision.reason = f"{len(bad)} unreadable instance(s), e.g. {bad[0][0].name}: {bad[0][1]}"
         timings = dict(job.timings, select=round(time.perf_counter() - started, 4))
         if decision.matched:
-            self.journal.transition(job.id, "selected", expect="complete", rule=decision.rule, reason=decision.reason,
-                                    timings=timings)
+            self.journal.transition(job.id, JobState.SELECTED, expect=JobState.COMPLETE, rule=decision.rule,
+                                    reason=decision.reason, timings=timings)
             log.info("job %d: selected (rule %s)", job.id, decision.rule)
         else:
-            self.journal.transition(job.id, "ignored", expect="complete", reason=decision.reason, timings=timings)
+            self.journal.transition(job.id, JobState.IGNORED, expect=JobState.COMPLETE, reason=decision.reason, timings=timings)
             failed = [c["check"] for c in decision.checks if not c["ok"]] or ["unreadable"]
             log.info("job %d: ignored (failed: %s)", job.id, ", ".join(dict.fromkeys(failed)))
         if self.metrics:
             self.metrics.series_selected.labels(str(decision.matched).lower()).inc()
             if not decision.matched:
-                self.metrics.jobs_finished.labels("ignored").inc()
+                self.metrics.jobs_finished.labels(JobState.IGNORED).inc()
         return decision

@@ -66,7 +66,7 @@ def write_atomic(path: Path, chunks: Iterable[bytes], *, uncache: bool = False) 
     received instances are written once and read once, later, by the selection and processing
     stages; giving their clean pages back lets the next write reuse them instead of faulting in
     fresh ones, which on the benchmark VM made the 512 KB write 0.5-1 ms instead of ~0.1 ms
-    (docs/benchmarks.md).
+    (docs/experiments/node-performance.md).
 
     The temporary name is the target's plus the writing thread's id (no random name to draw: two
     threads never share one, and a crash leaves a `.tmp-` file for `Spool.remove_orphans`). The

@@ -13,8 +13,7 @@ import torch
 from dicomnode.infer.grid import GridPlacement
 from dicomnode.infer.model import load_model
 from dicomnode.tools.phantom.generate import plan_cases, simulate
-
-from tinymodel import make_tiny_model
+from tests.support.tinymodel import make_tiny_model
 
 _spec = importlib.util.spec_from_file_location("bench_ceiling", Path(__file__).parents[1] / "bench" / "bench_ceiling.py")
 bc = importlib.util.module_from_spec(_spec)

@@ -6,10 +6,9 @@ from typer.testing import CliRunner
 from dicomnode.cli import app
 from dicomnode.config import config_from_dict
 from dicomnode.node import Node
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from nodehelpers import make_raw_config, write_toml
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_raw_config, write_toml
+from tests.support.peers import dcmtk, run
 
 COMMANDS = [[], ["serve"], ["echo"], ["send"], ["status"], ["rules"], ["rules", "test"], ["queue"],
             ["queue", "list"], ["queue", "retry"], ["queue", "purge"]]
@@ -43,7 +42,7 @@ def test_send_to_a_dcmtk_storescp(tmp_path):
     import subprocess
     import time
 
-    from conftest import free_port
+    from tests.support.peers import free_port
 
     make_series(tmp_path / "in", slices=3)
     (tmp_path / "sink").mkdir()

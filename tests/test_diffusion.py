@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from dicomnode.infer.diffusion import EMA, SAMPLERS, Diffusion, make_betas
+from dicomnode.infer.diffusion import SAMPLERS, Diffusion, make_betas
 from dicomnode.infer.nets import build_denoiser
+from training.trainutil import EMA
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

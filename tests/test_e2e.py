@@ -1,6 +1,6 @@
 """End to end: DCMTK storescu -> node (select, synthesise, encode) -> DCMTK storescp sink.
 
-The node runs a tiny random-weights model (tests/tinymodel.py): these tests check mechanics
+The node runs a tiny random-weights model (tests/support/tinymodel.py): these tests check mechanics
 (selection, one output per slice, ordering, geometry, deterministic UIDs, names, transfer
 syntaxes, dciodvfy validity, failure handling), never image quality.
 """
@@ -20,14 +20,14 @@ from pydicom.uid import JPEG2000Lossless
 
 from dicomnode.config import InferenceConfig, config_from_dict
 from dicomnode.encode import instance_uid, series_uid
-from dicomnode.node import Node, Synthesis
+from dicomnode.engine import Synthesis
+from dicomnode.node import Node
 from dicomnode.spool import Spool
 from dicomnode.synthesize import load_synthesizer, output_variant
 from dicomnode.tools.phantom import write_case
-
-from conftest import dcmtk, free_port, run
-from nodehelpers import make_raw_config
-from tinymodel import TINY_INFERENCE, make_tiny_model, rotate_series, slice_location
+from tests.support.nodehelpers import make_raw_config
+from tests.support.peers import dcmtk, free_port, run
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model, rotate_series, slice_location
 
 pytestmark = pytest.mark.integration
 

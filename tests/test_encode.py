@@ -14,8 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode.encode import SERIES_DESCRIPTION, burn_banner, encode_series, patient_orientation
 from dicomnode.infer.preprocess import outputs_to_rgb, prepare_series
-
-from synthmr import make_series
+from tests.support.synthmr import make_series
 
 MODEL = dict(model_name="pix2pix-cddpm", model_version="1.2.0")
 

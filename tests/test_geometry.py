@@ -15,10 +15,9 @@ from dicomnode.config import RulesConfig
 from dicomnode.geometry import GeometryError, make_geometry, stack_of
 from dicomnode.infer.preprocess import SeriesError, prepare_series
 from dicomnode.rules import evaluate
+from tests.support.dicomfactory import make_series
+from tests.support.peers import dcmtk, run
 from training.data import BrokenPair, _check_mr, read_header
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 
@@ -134,8 +133,7 @@ def test_enhanced_mr_is_not_selected_and_rules_test_says_why(tmp_path):
 def test_enhanced_mr_sent_to_the_node_is_ignored_with_the_reason(tmp_path, port):
     from dicomnode.journal import JobState
     from dicomnode.node import Node
-
-    from nodehelpers import make_config
+    from tests.support.nodehelpers import make_config
 
     write_enhanced_mr(tmp_path / "enhanced.dcm")
     cfg = make_config(tmp_path, port, series={"quiet_seconds": 1.0},

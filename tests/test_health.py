@@ -18,10 +18,9 @@ from typing import Iterator
 import pytest
 
 from dicomnode.node import Node
-
-from conftest import free_port
-from doubles import CopyProcessor
-from nodehelpers import make_config, wait_for
+from tests.support.doubles import CopyProcessor
+from tests.support.nodehelpers import make_config, wait_for
+from tests.support.peers import free_port
 
 pytestmark = pytest.mark.integration
 

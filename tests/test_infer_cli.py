@@ -18,9 +18,8 @@ from dicomnode.cli import app
 from dicomnode.config import InferenceConfig
 from dicomnode.synthesize import DEFAULT_MODEL
 from dicomnode.tools.phantom import write_case
-
-from nodehelpers import write_toml
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.support.nodehelpers import write_toml
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
 
 runner = CliRunner()
 
@@ -100,7 +99,7 @@ def test_missing_model_fails_clearly(tmp_path, monkeypatch):
 
 def test_demo_loop_with_local_pacs(tiny, tmp_path):
     """The demo's machinery (node on loopback, own SCU, local SCP, previews, metrics) on a small case."""
-    from dicomnode.node import Synthesis
+    from dicomnode.engine import Synthesis
     from dicomnode.tools.demo import run_case
 
     synth = Synthesis(InferenceConfig(model=str(tiny), device="cpu", **TINY_INFERENCE))

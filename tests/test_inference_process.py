@@ -16,12 +16,11 @@ import pytest
 from dicomnode.config import config_from_dict
 from dicomnode.journal import JobState
 from dicomnode.node import Node
-
-from conftest import dcmtk, free_port, run, wait_for_node
-from dicomfactory import make_series
-from doubles import MisbehavingProcessor
-from nodehelpers import make_raw_config, write_toml
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.support.dicomfactory import make_series
+from tests.support.doubles import MisbehavingProcessor
+from tests.support.nodehelpers import make_raw_config, write_toml
+from tests.support.peers import dcmtk, free_port, run, wait_for_node
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -166,10 +165,10 @@ def test_serve_parent_memory_is_flat_over_20_jobs(tmp_path):
 
 
 PARENT = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from doubles import CopyProcessor
-from dicomnode.process import InferenceProcess, ProcessRequest
+import time
+from tests.support.doubles import CopyProcessor
+from dicomnode.engine import InferenceRequest
+from dicomnode.localengine import InferenceProcess
 engine = InferenceProcess(CopyProcessor(delay=120.0))
 engine.start()
 print(engine.pid, flush=True)
@@ -181,9 +180,9 @@ time.sleep(120)
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-job"])
 def test_the_inference_process_exits_when_the_node_is_killed(tmp_path, busy):
     files = make_series(tmp_path / "in", slices=2, rows=16, cols=16)
-    job = (f"engine.run(ProcessRequest(1, '1.2', '1.2.3', {tuple(map(str, files))!r}, {str(tmp_path / 'out')!r}), 300)"
+    job = (f"engine.run(InferenceRequest(1, '1.2', '1.2.3', {tuple(map(str, files))!r}, {str(tmp_path / 'out')!r}), 300)"
            if busy else "")
-    node = subprocess.Popen([sys.executable, "-c", PARENT.format(tests=str(Path(__file__).parent), job=job)],
+    node = subprocess.Popen([sys.executable, "-c", PARENT.format(job=job)], cwd=Path(__file__).parents[1],
                             stdout=subprocess.PIPE, text=True)
     try:
         child = int(node.stdout.readline())

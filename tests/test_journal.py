@@ -4,7 +4,9 @@ import time
 
 import pytest
 
-from dicomnode.journal import Instance, Journal, TransitionError
+from dicomnode.assemble import declared_size_met
+from dicomnode.journal import Instance, Journal, TransitionError, parse_since
+from dicomnode.process import recover
 
 
 def inst(sop, series="1.2.3", n=3, pos=None, t=None):
@@ -25,11 +27,25 @@ def test_declared_size(tmp_path):
     j = Journal(tmp_path / "j.sqlite")
     j.record_instance(inst("1.1", pos="0\\0\\0"))
     j.record_instance(inst("1.2", pos="0\\0\\1"))
-    assert not j.declared_size_met("1.2.3")
+    assert not declared_size_met(j.series_extent("1.2.3"))
     j.record_instance(inst("1.3", pos="0\\0\\1"))  # same position twice: not a new slice
-    assert not j.declared_size_met("1.2.3")
+    assert not declared_size_met(j.series_extent("1.2.3"))
     j.record_instance(inst("1.4", pos="0\\0\\2"))
-    assert j.declared_size_met("1.2.3")
+    assert declared_size_met(j.series_extent("1.2.3"))
+
+
+@pytest.mark.parametrize("extent, met", [
+    ([], False),
+    ([(None, None, "0\\0\\0")], False),  # no size declared
+    ([(2, None, "0\\0\\0"), (3, None, "0\\0\\1")], False),  # instances disagree
+    ([(0, None, None)], False),
+    ([(2, None, None), (2, None, None)], True),  # no positions: instances are counted
+    ([(2, None, "0\\0\\0"), (2, None, None)], True),
+    ([(None, 24, "0\\0\\0")], True),  # a multi-frame instance carries the whole series
+    ([(None, 1, "0\\0\\0")], False),
+])
+def test_declared_size_rule(extent, met):
+    assert declared_size_met(extent) is met
 
 
 def test_state_machine_rejects_illegal_moves(tmp_path):
@@ -40,7 +56,7 @@ def test_state_machine_rejects_illegal_moves(tmp_path):
     j.transition(job_id, "complete")
     j.transition(job_id, "selected")
     j.transition(job_id, "processing")
-    assert j.recover([]) == [job_id] and j.job(job_id).state == "selected"
+    assert recover(j, []) == [job_id] and j.job(job_id).state == "selected"
     kinds = [e["kind"] for e in j.events(job_id)]
     assert kinds == ["received", "complete", "selected", "processing", "selected"]
 
@@ -82,7 +98,7 @@ def test_recover_hands_encoded_jobs_to_dispatch(tmp_path):
     job_id, _ = j.record_instance(inst("1.1"))
     for s in ("complete", "selected", "processing", "encoded"):
         j.transition(job_id, s)  # crash here: outputs written, deliveries not yet created
-    assert j.recover(["pacs"]) == [job_id]
+    assert recover(j, ["pacs"]) == [job_id]
     assert j.job(job_id).state == "sending"
     assert [d.destination for d in j.due_deliveries(time.time())] == ["pacs"]
 
@@ -206,3 +222,14 @@ def test_delivered_instances_go_with_their_delivery(tmp_path):
     j.record_instance_delivered(job_id, "a", "9.2")
     j.purge_job(job_id)
     assert j.db.execute("SELECT COUNT(*) FROM delivered_instances").fetchone()[0] == 0
+
+
+def test_since_is_hours_ago_or_an_iso_time():
+    now = 1_800_000_000.0
+    assert parse_since("24h", now) == now - 86400
+    assert parse_since("1.5h", now) == now - 5400
+    assert parse_since("2026-12-01T08:00+00:00", now) == datetime.datetime(2026, 12, 1, 8, tzinfo=datetime.UTC).timestamp()
+    assert parse_since("2026-12-01", now) == datetime.datetime(2026, 12, 1).timestamp()  # local midnight
+    for bad in ("yesterday", "h", "-3h", "24 h"):
+        with pytest.raises(ValueError, match="neither an ISO date/time nor hours"):
+            parse_since(bad, now)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_for_node
-from dicomfactory import make_series
-from nodehelpers import make_raw_config, write_toml
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_raw_config, write_toml
+from tests.support.peers import free_port, wait_for_node
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
 
 pytestmark = pytest.mark.integration
 

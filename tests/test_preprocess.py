@@ -23,8 +23,7 @@ from pydicom.uid import (
 
 from dicomnode.infer.grid import GridPlacement, normalize_series, rgb_to_unit
 from dicomnode.infer.preprocess import PreparedSeries, SeriesError, outputs_to_rgb, prepare_series
-
-from synthmr import make_series
+from tests.support.synthmr import make_series
 
 
 def expected_batch(series) -> np.ndarray:

@@ -21,13 +21,13 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import config_from_dict
+from dicomnode.engine import Synthesis
 from dicomnode.journal import JobState
-from dicomnode.node import Node, Synthesis
-
-from conftest import dcmtk, free_port, run
-from dicomfactory import make_series
-from nodehelpers import Sink, make_raw_config, wait_for
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from dicomnode.node import Node
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import Sink, make_raw_config, wait_for
+from tests.support.peers import dcmtk, free_port, run
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -172,9 +172,8 @@ def test_an_unreachable_cluster_keeps_jobs_waiting_and_readyz_false(tmp_path, ti
     import urllib.request
 
     from dicomnode.journal import Journal
-
-    from conftest import wait_for_node
-    from nodehelpers import write_toml
+    from tests.support.nodehelpers import write_toml
+    from tests.support.peers import wait_for_node
 
     port, metrics_port = free_port(), free_port()
     raw = node_config(tmp_path, port, tiny, "ray", ray_address=f"127.0.0.1:{free_port()}")

@@ -12,14 +12,14 @@ def make_job(journal, spool, series, final_state, sop):
     job_id, _ = journal.record_instance(Instance(sop, series, "1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1",
                                                  str(path), 1, "SCU", time.time(), None, None, None))
     out = spool.output_dir(job_id)
-    write_atomic(out / "o.dcm", [b"y"])
-    journal.update_job(job_id, output_dir=str(out))
     path_to = {"done": ["complete", "selected", "processing", "encoded", "sending", "done"],
                "sending": ["complete", "selected", "processing", "encoded", "sending"],
                "dead_letter": ["complete", "selected", "processing", "encoded", "sending", "dead_letter"],
                "ignored": ["complete", "ignored"]}[final_state]
     for state in path_to:
-        journal.transition(job_id, state)
+        if state == "encoded":  # the outputs are written, as the process stage writes them
+            write_atomic(out / "o.dcm", [b"y"])
+        journal.transition(job_id, state, **({"output_dir": str(out)} if state == "encoded" else {}))
     return job_id, path, out
 
 

@@ -6,8 +6,7 @@ from typer.testing import CliRunner
 from dicomnode.cli import app
 from dicomnode.config import RulesConfig
 from dicomnode.rules import evaluate_paths, plane_of
-
-from dicomfactory import VENDORS, make_series
+from tests.support.dicomfactory import VENDORS, make_series
 
 
 @pytest.mark.parametrize("vendor", sorted(VENDORS))

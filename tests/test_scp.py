@@ -8,10 +8,9 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from dicomnode.node import Node
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from nodehelpers import dataset_bytes, make_config, sop_uid
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import dataset_bytes, make_config, sop_uid
+from tests.support.peers import dcmtk, run
 
 pytestmark = pytest.mark.integration
 

@@ -18,13 +18,12 @@ import time
 
 import pytest
 from pynetdicom.association import Association
-from test_dispatch import Sink
 
 from dicomnode import netinternals
 from dicomnode.scu import Timeouts, store_files
-
-from conftest import free_port
-from dicomfactory import make_series
+from tests.support.dicomfactory import make_series
+from tests.support.peers import free_port
+from tests.test_dispatch import Sink
 
 pytestmark = pytest.mark.integration
 

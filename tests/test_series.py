@@ -5,10 +5,9 @@ import time
 import pytest
 
 from dicomnode.node import Node
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from nodehelpers import make_config
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_config
+from tests.support.peers import dcmtk, run
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import urllib.request
 
 import pytest
 
-from conftest import dcmtk, free_port, run, wait_for_node
-from dicomfactory import make_series
-from nodehelpers import make_raw_config, wait_for, write_toml
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_raw_config, wait_for, write_toml
+from tests.support.peers import dcmtk, free_port, run, wait_for_node
 
 pytestmark = pytest.mark.integration
 

@@ -48,8 +48,7 @@ def test_failed_write_leaves_old_file(tmp_path):
 def test_orphan_temporary_files_are_removed_at_start(tmp_path, port):
     """A kill mid-write leaves .tmp-* files; the next start removes them (they were never acknowledged)."""
     from dicomnode.node import Node
-
-    from nodehelpers import make_config
+    from tests.support.nodehelpers import make_config
 
     spool = Spool(tmp_path / "store")
     orphan = spool.incoming / "1.2.3" / "1.2.3.4" / ".tmp-abc123"

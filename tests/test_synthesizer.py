@@ -29,8 +29,7 @@ from dicomnode.synthesize import (
     settings_from,
 )
 from dicomnode.tools.phantom import write_case
-
-from tinymodel import TINY_INFERENCE, make_tiny_model, slice_location
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model, slice_location
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dcmtk, free_port, run, wait_for_node
-from dicomfactory import make_series
-from nodehelpers import make_raw_config, write_toml
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_raw_config, write_toml
+from tests.support.peers import dcmtk, free_port, run, wait_for_node
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "dicomnode.service"
 pytestmark = pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")

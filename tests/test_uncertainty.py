@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from test_synthesizer import dciodvfy_errors
 
 from dicomnode.config import InferenceConfig
 from dicomnode.encode import SD_DISPLAY_MAX, UNCERTAINTY_DESCRIPTION, uncertainty_image
 from dicomnode.infer.model import ModelError
 from dicomnode.synthesize import load_synthesizer
 from dicomnode.tools.phantom import write_case
-
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.test_synthesizer import dciodvfy_errors
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dcmtk, free_port, run, wait_for_node
-from dicomfactory import make_series
-from nodehelpers import make_raw_config, write_toml
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_raw_config, write_toml
+from tests.support.peers import dcmtk, free_port, run, wait_for_node
 
 CLI = [sys.executable, "-m", "dicomnode.cli"]
 

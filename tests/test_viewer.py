@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_orthanc import ORTHANC, OrthancServer
 
 from dicomnode.tools.phantom import write_case
-
-from conftest import wait_for_node
-from nodehelpers import make_raw_config, write_toml
+from tests.support.nodehelpers import make_raw_config, write_toml
+from tests.support.peers import wait_for_node
+from tests.test_orthanc import ORTHANC, OrthancServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

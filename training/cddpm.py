@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from dicomnode.infer.diffusion import EMA, Diffusion
+from dicomnode.infer.diffusion import Diffusion
 from dicomnode.infer.model import save_model
-from dicomnode.infer.nets import build_denoiser
+from dicomnode.infer.nets import build_denoiser, channels_last
 from training import plots
 from training.pix2pix import _preview_split, load_generator
 from training.select import phantom_lesion_masks
 from training.trainutil import (
+    EMA,
     CsvLog,
     autocast,
     batches,
@@ -85,8 +86,8 @@ def loss_weights(mr: torch.Tensor, fusion: torch.Tensor, uptake_weight: float, m
     `lesion_uptake_weight`; None when all are 1."""
     w = uptake_weights(mr, fusion, uptake_weight)
     if mask and (lesion_mask_weight != 1.0 or lesion_uptake_weight != 1.0):
-        inside = lesion_mask_weight * (uptake_weights(mr, fusion, lesion_uptake_weight)
-                                       if lesion_uptake_weight != 1.0 else torch.ones_like(mask[0], dtype=torch.float32))
+        hot = uptake_weights(mr, fusion, lesion_uptake_weight) if lesion_uptake_weight != 1.0 else None
+        inside = lesion_mask_weight * (hot if hot is not None else torch.ones_like(mask[0], dtype=torch.float32))
         m = torch.where(mask[0], inside, torch.ones_like(inside))
         w = m if w is None else w * m
     return w
@@ -126,12 +127,12 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     G, p2p_preset, p2p_state = load_generator(pix2pix, dev)
     train_set = load_split(data, "train", limit)
     preview = _preview_split(data)
-    masks = phantom_lesion_masks(phantom, train_set) if in_lesions else None
+    masks = phantom_lesion_masks(phantom, train_set) if in_lesions and phantom is not None else None
     cond_p2p = (out_of_fold_outputs(pix2pix_folds, train_set, dev) if pix2pix_folds
                 else pix2pix_outputs(G, train_set.mr, dev))
     preview_p2p = pix2pix_outputs(G, preview.mr, dev)
     diffusion = Diffusion(schedule, timesteps, prediction)
-    net = build_denoiser(preset).to(dev, memory_format=torch.channels_last)
+    net = channels_last(build_denoiser(preset), dev)
     ema = EMA(net, ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     decay = linear_decay(steps, decay_start)  # 1.0 (default): constant after the warm-up
@@ -141,8 +142,11 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     step, ckpt = 0, out / "checkpoint.pt"
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location=dev, weights_only=False)
-        net.load_state_dict(state["net"]), ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"]), scaler.load_state_dict(state["scaler"])
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        scaler.load_state_dict(state["scaler"])
         step = state["step"]
     log = CsvLog(out / "log.csv", FIELDS, resume_step=step if resume else None)
     per_epoch = max(1, len(train_set) // batch_size)

@@ -3,7 +3,7 @@
 `build_dataset` reads an export folder (the phantom's, or a hospital's export of sagittal T2FS
 series and fusion Secondary Capture series), pairs each fusion image with its MR slice by study
 and slice position, skips and reports broken pairs (never guesses), splits 8:1:1 by patient,
-and writes the files of the paired-dataset contract (docs/phantom.md):
+and writes the files of the paired-dataset contract (docs/user-guide/research/paired-dataset.md):
 manifest.json, mr.npy (N,1,256,256 float16), fusion.npy (N,256,256,3 uint8), pairs.csv.
 """
 
@@ -48,9 +48,9 @@ class Inst:
     rows: int
     cols: int
     samples: int
-    spacing: tuple[float, float] | None
+    spacing: tuple[float, ...] | None
     iop: tuple[float, ...] | None
-    ipp: tuple[float, float, float] | None
+    ipp: tuple[float, ...] | None
     instance_number: int
     frame_uid: str
     images_in_acquisition: int | None
@@ -132,8 +132,9 @@ def pair_series(fusion: list[Inst], mr_by_sop: dict[str, Inst], series: dict[str
     study = fusion[0].study_uid
     if len({f.study_uid for f in fusion}) > 1:
         raise BrokenPair("different studies: fusion series spans several studies")
-    referenced = [f.refs[0] if f.refs else None for f in fusion]
-    if all(r is not None for r in referenced):
+    refs = [f.refs[0] if f.refs else None for f in fusion]
+    referenced = [r for r in refs if r is not None]
+    if len(referenced) == len(refs):
         targets = {mr_by_sop[r].series_uid for r in referenced if r in mr_by_sop}
         if not targets:
             raise BrokenPair("missing slices: referenced MR images are not in the export")
@@ -149,13 +150,14 @@ def pair_series(fusion: list[Inst], mr_by_sop: dict[str, Inst], series: dict[str
         slot = [index[r] for r in referenced]
     elif all(f.ipp is not None and f.iop is not None for f in fusion):
         # No references (some workstations): match by position within the same frame of reference.
+        plane = fusion[0].iop
         cands = [s for s in series.values() if s[0].study_uid == study and s[0].sop_class == MR_STORAGE
-                 and s[0].frame_uid == fusion[0].frame_uid and s[0].iop is not None
-                 and np.allclose(s[0].iop, fusion[0].iop, atol=ORIENTATION_TOL)]
+                 and s[0].frame_uid == fusion[0].frame_uid and s[0].iop is not None and plane is not None
+                 and np.allclose(s[0].iop, plane, atol=ORIENTATION_TOL)]
         if len(cands) != 1:
             raise BrokenPair(f"cannot place fusion images: {len(cands)} MR series share their plane")
         mr, pos = _check_mr(cands[0])
-        n = _normal(mr[0].iop)
+        n = _normal(mr[0].iop or ())
         tol = 0.25 * (float(np.median(np.diff(pos))) if len(pos) > 1 else 1.0)
         slot = []
         for f in fusion:
@@ -177,7 +179,7 @@ def pair_series(fusion: list[Inst], mr_by_sop: dict[str, Inst], series: dict[str
             raise BrokenPair("mismatched geometry: fusion image is not RGB")
         if abs((f.rows / f.cols) / (m0.rows / m0.cols) - 1) > ASPECT_TOL:
             raise BrokenPair(f"mismatched geometry: fusion {f.rows}x{f.cols} vs MR {m0.rows}x{m0.cols}")
-    ordered = [None] * len(mr)
+    ordered: list[Inst | None] = [None] * len(mr)
     for f, k in zip(fusion, slot):
         ordered[k] = f
     return PairedStudy(study, m0.patient_id, mr, ordered, pos)  # type: ignore[arg-type]
@@ -251,7 +253,9 @@ def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int 
     for p in paired:
         m0 = p.mr[0]
         vol = normalize_series(np.stack([pydicom.dcmread(m.path).pixel_array for m in p.mr]))
-        place = GridPlacement.for_image(m0.rows, m0.cols, m0.spacing, size=size)
+        if m0.spacing is None:
+            raise BrokenPair("mismatched geometry: the MR has no Pixel Spacing")
+        place = GridPlacement.for_image(m0.rows, m0.cols, (m0.spacing[0], m0.spacing[1]), size=size)
         case = info.get(p.study_uid, {})
         for k, (m, f) in enumerate(zip(p.mr, p.fusion)):
             rgb = pydicom.dcmread(f.path).pixel_array
@@ -301,7 +305,8 @@ class PairedDataset:
         with open(self.dir / "pairs.csv", newline="") as fh:
             self.indices = [int(r["index"]) for r in csv.DictReader(fh) if split is None or r["split"] == split]
         self.manifest = manifest
-        self._mr = self._fusion = None
+        self._mr: np.ndarray | None = None
+        self._fusion: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -317,6 +322,7 @@ class PairedDataset:
         if self._mr is None:
             self._mr = np.load(self.dir / "mr.npy", mmap_mode="r")
             self._fusion = np.load(self.dir / "fusion.npy", mmap_mode="r")
+        assert self._fusion is not None
         idx = self.indices[i]
         mr = torch.from_numpy(np.asarray(self._mr[idx], dtype=np.float32))
         fusion = torch.from_numpy(rgb_to_unit(self._fusion[idx]))

@@ -66,7 +66,7 @@ def _run(model, mr, batch_size, dev, quiet, label, seed: int = 0, **kw):
             sds.append(None if res.sd is None else res.sd.float().cpu())
             bar.update(task, advance=len(res.rgb))
     secs = (time.perf_counter() - t0) / max(1, len(mr))
-    sd = None if sds[0] is None else torch.cat(sds)
+    sd = None if sds[0] is None else torch.cat([s for s in sds if s is not None])
     return torch.cat(rgbs), sd, secs
 
 
@@ -104,7 +104,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     m_p2p, m_fast = score(real, p2p), score(real, syn)
 
     # ablation on an evenly spread subset: full ancestral DDPM from pure noise (paper-faithful)
-    sub = np.unique(np.linspace(0, len(mr) - 1, min(full_subset, len(mr))).round().astype(int)) if full_subset else []
+    sub: np.ndarray = (np.unique(np.linspace(0, len(mr) - 1, min(full_subset, len(mr))).round().astype(int))
+                       if full_subset else np.zeros(0, dtype=int))
     ablation = {"n": len(sub), "cases": [int(data_split.rows[i]["index"]) for i in sub]}
     if len(sub):
         full, _, t_full = _run(model, mr[sub], batch_size, dev, quiet, "cddpm full DDPM", seed=seed,

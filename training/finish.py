@@ -11,7 +11,7 @@ masks with `--phantom`, else in the real fusion's hot pixels). The pick is the b
 settings whose uptake shown is at least the unfinished output's, or all of the real uptake if the
 unfinished output shows more, less `--uptake-margin`: the finish cannot buy image quality with the
 infected disc's colour. Declare the block only for fusions rendered as the phantom renders them
-(docs/models.md).
+(docs/reference/model-format.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def pick(raw: FinishScore, scores: list[FinishScore], uptake_margin: float = 0.0
     ok = [s for s in scores if need is None or s.uptake_shown is None or s.uptake_shown >= need]
     if not ok:
         raise ValueError("every setting loses more uptake than the margin allows")
-    return max(ok, key=lambda s: (s.ssim, -s.sigma, -s.floor))
+    return max(ok, key=lambda s: (s.ssim, -(s.sigma or 0.0), -(s.floor or 0.0)))
 
 
 def _label(s: FinishScore) -> str:

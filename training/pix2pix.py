@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dicomnode.infer.nets import build_discriminator, build_generator, init_weights
+from dicomnode.infer.nets import build_discriminator, build_generator, channels_last, init_weights
 from training import plots
 from training.trainutil import (
     CsvLog,
@@ -70,8 +70,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
             raise ValueError(f"fold {holdout_fold} of {folds} holds every training patient")
         train_set = train_set.subset(keep)
     val_set = _preview_split(data)
-    G = init_weights(build_generator(preset)).to(dev, memory_format=torch.channels_last)
-    D = init_weights(build_discriminator(preset)).to(dev, memory_format=torch.channels_last)
+    G = channels_last(init_weights(build_generator(preset)), dev)
+    D = channels_last(init_weights(build_discriminator(preset)), dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
     sched = [torch.optim.lr_scheduler.LambdaLR(o, linear_decay(steps, decay_start)) for o in (opt_g, opt_d)]
@@ -128,7 +128,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                 log.write(step=step, epoch=round(step / per_epoch, 3), lr=sched[0].get_last_lr()[0],
                           seconds=round(time.time() - t0, 1), **last)
             bar.update(task, completed=step, info=f"L1 {last['loss_l1']:.4f} D {last['loss_d']:.3f}")
-            snapshot_now = bool(snapshot_every) and step % snapshot_every == 0 and step < steps
+            snapshot_now = snapshot_every is not None and snapshot_every > 0 and step % snapshot_every == 0 \
+                and step < steps
             if step % ckpt_every == 0 or step == end or snapshot_now:
                 save_checkpoint(ckpt, {"step": step, "preset": preset, "G": G.state_dict(), "D": D.state_dict(),
                                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
@@ -213,7 +214,7 @@ def load_generator(checkpoint: str | Path, device="cpu"):
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     G = build_generator(state["preset"])
     G.load_state_dict(state["G"])
-    return G.to(device, memory_format=torch.channels_last).eval(), state["preset"], state
+    return channels_last(G, device).eval(), state["preset"], state
 
 
 def main(argv=None) -> int:

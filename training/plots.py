@@ -28,7 +28,7 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 def heat(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
     """(H, W) non-negative values -> uint8 RGB on a black-red-yellow-white ramp."""
     v = np.asarray(values, dtype=np.float32)
-    vmax = float(vmax if vmax is not None else max(np.percentile(v, 99.5), 1e-6))
+    vmax = float(vmax) if vmax is not None else max(float(np.percentile(v, 99.5)), 1e-6)
     x = np.clip(v / vmax, 0, 1)
     rgb = np.stack([np.clip(3 * x, 0, 1), np.clip(3 * x - 1, 0, 1), np.clip(3 * x - 2, 0, 1)], -1)
     return (rgb * 255 + 0.5).astype(np.uint8)

@@ -3,7 +3,7 @@
     python -m training select --data DATA_DIR RUN/snapshots/step*.pt [--out select.json]
 
 With the adversarial term, the uptake a generator paints at an infected disc swings from one
-checkpoint to the next by more than the last step's loss tells (docs/models.md), so a run keeps
+checkpoint to the next by more than the last step's loss tells (docs/experiments/model-0.4.md), so a run keeps
 snapshots (`pix2pix --snapshot-every`) and this command scores each on pairs it was not trained on:
 
 - PSNR and SSIM over every validation pair (fusion images in [0, 1]);
@@ -13,7 +13,7 @@ snapshots (`pix2pix --snapshot-every`) and this command scores each on pairs it 
   an image without PET. The mask is the lesion itself when the data set comes from
   `dicomnode phantom` and `--phantom EXPORT` names it (the masks are re-simulated from its seed);
   otherwise the hot pixels of the real fusion (u >= 0.5: infected discs, but also myocardium and
-  bladder, whose uptake the MR hides too, so it is a weaker guide: docs/models.md).
+  bladder, whose uptake the MR hides too, so it is a weaker guide: docs/experiments/model-0.4.md).
 
 The pick is the checkpoint showing the most uptake among those whose SSIM is within
 `--ssim-margin` of the best, so that a checkpoint that smears colour everywhere does not win.
@@ -116,7 +116,7 @@ def ready_generator(path: str | Path, train_mr: Callable[[], torch.Tensor] | Non
     of training does."""
     G, _, state = load_generator(path, dev)
     recal = not state.get("bn_recalibrated", False) and train_mr is not None
-    if recal:
+    if recal and train_mr is not None:
         recalibrate_bn(G, train_mr(), int(state.get("batch_size", 4)), dev)
     return G, state, recal
 
@@ -162,7 +162,7 @@ def pick(scores: list[Score], ssim_margin: float = 0.01) -> Score:
     near = [s for s in scores if s.ssim >= best_ssim - ssim_margin]
     if all(s.uptake_shown is None for s in near):
         return max(near, key=lambda s: s.ssim)
-    return max((s for s in near if s.uptake_shown is not None), key=lambda s: s.uptake_shown)
+    return max((s for s in near if s.uptake_shown is not None), key=lambda s: s.uptake_shown or 0.0)
 
 
 def main(argv=None) -> int:

@@ -3,16 +3,19 @@ training.data.PairedDataset), seeds, devices, CSV logs, progress bars and checkp
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 
 
 @dataclass
@@ -139,7 +142,7 @@ def lesion_weights(split: Split, weight: float) -> torch.Tensor | None:
 def uptake_map(mr: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
     """How much PET colour each fusion pixel carries, in [0, 1] (N,1,H,W).
 
-    A PET/T2FS fusion is rgb = (1 - a) * grey(MR) + a * hot(SUV) with a = 0.5 (docs/phantom.md);
+    A PET/T2FS fusion is rgb = (1 - a) * grey(MR) + a * hot(SUV) with a = 0.5 (docs/user-guide/research/phantom.md);
     removing the grey share leaves the mean of the hot colour map, which rises monotonically with
     SUV from 0 (no uptake) to 1 (white, the top of the SUV window). The MR input is on the same
     0.5..99.5 percentile window as the fusion's grey, so grey = (mr + 1) / 2. On an export with a
@@ -194,3 +197,31 @@ def autocast(device: torch.device, amp: bool):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16, enabled=amp)
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp and device.type == "cpu" and cpu_bf16_native())
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class EMA(Generic[M]):
+    """Exponential moving average of a network's weights (buffers copied), with warm-up."""
+
+    def __init__(self, model: M, decay: float = 0.999):
+        self.decay = decay
+        self.model: M = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for mine, theirs in zip(self.model.parameters(), model.parameters()):
+            mine.lerp_(theirs.detach(), 1 - d)
+        for buf, src in zip(self.model.buffers(), model.buffers()):
+            buf.copy_(src)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.updates, self.decay = state["updates"], state["decay"]

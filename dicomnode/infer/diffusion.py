@@ -12,7 +12,6 @@ for a seed on any device.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -173,7 +172,7 @@ class Diffusion:
             a_n, s_n, s_t = math.sqrt(self._abar(nxt)), math.sqrt(1 - self._abar(nxt)), math.sqrt(1 - self._abar(t))
             h = lam(nxt) - lam(t)
             d = x0
-            if old_x0 is not None:
+            if old_x0 is not None and h_last is not None:
                 r = h_last / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
             x = (s_n / s_t) * x - a_n * math.expm1(-h) * d
@@ -186,28 +185,3 @@ class Diffusion:
         rep = lambda z: None if z is None else z.repeat(k, *([1] * (z.ndim - 1)))  # noqa: E731
         xs = self.sample(model, rep(cond), init=rep(init), seed=seed, **kw).view(k, b, 3, *cond.shape[2:])
         return xs.mean(0), (xs.std(0, unbiased=False) if k > 1 else None)
-
-
-class EMA:
-    """Exponential moving average of a network's weights (buffers copied), with warm-up."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict):
-        self.model.load_state_dict(state["model"])
-        self.updates, self.decay = state["updates"], state["decay"]

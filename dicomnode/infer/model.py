@@ -26,7 +26,7 @@ from torch import nn
 
 from dicomnode import __version__
 from dicomnode.infer.diffusion import Diffusion
-from dicomnode.infer.nets import CDDPM_PRESETS, PIX2PIX_PRESETS, DiffusionUNet, UnetGenerator
+from dicomnode.infer.nets import CDDPM_PRESETS, PIX2PIX_PRESETS, DiffusionUNet, UnetGenerator, channels_last
 from dicomnode.infer.presentation import OutputSpec, finish_fusion
 
 CARD = "model.json"
@@ -112,7 +112,7 @@ def read_card(model_dir: str | Path) -> dict:
 
 def _check_arch(card_path: Path, part: str, spec: dict, table: dict) -> dict:
     preset, cfg = spec.get("preset"), spec.get("config")
-    if preset not in table:
+    if not isinstance(preset, str) or preset not in table:
         raise ModelError(f"{card_path}: {part} preset {preset!r} is unknown to dicomnode {__version__} "
                          f"(known: {sorted(table)})")
     if cfg != _arch(table, preset, None):
@@ -190,7 +190,7 @@ class FusionModel:
             if not refine:
                 return Translation(done(p2p), p2p, None)
             cond = torch.cat([mr, p2p], 1).contiguous(memory_format=torch.channels_last)
-            init = None if opts["strength"] >= 1.0 else p2p
+            init = None if float(opts["strength"]) >= 1.0 else p2p
             mean, sd = self.diffusion.sample_k(self.denoiser, cond, k=int(opts["samples"]), seed=seed, init=init,
                                                sampler=opts["sampler"], steps=int(opts["steps"]),
                                                strength=float(opts["strength"]))
@@ -220,5 +220,5 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", verify
         raise ModelError(f"{card_path}: bad output block: {e}") from e
     device = torch.device(device)
     for net in (generator, denoiser):
-        net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        channels_last(net, device).eval().requires_grad_(False)
     return FusionModel(generator, denoiser, diffusion, card, device, output)

@@ -19,6 +19,7 @@ import numpy as np
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import Config, config_from_dict
 from dicomnode.spool import check_uid, write_dataset
@@ -36,7 +37,7 @@ class LocalSink:
         self.on_received = on_received  # called with the path of each stored image
         self.received: list[tuple[float, Path]] = []
         self._cond = threading.Condition()
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     def _on_store(self, event) -> int:
         ds = event.dataset
@@ -172,7 +173,7 @@ def run_case(work: Path, processor, case: dict, cfg_inference: dict | None = Non
     """Send one phantom case through a fresh node into a local sink and collect the results.
 
     `processor` is what the node runs in its inference process (a picklable Processor or a
-    factory of one, e.g. `dicomnode.node.Synthesis`)."""
+    factory of one, e.g. `dicomnode.engine.Synthesis`)."""
     from dicomnode.node import Node
     from dicomnode.scu import store_files
 
@@ -180,7 +181,7 @@ def run_case(work: Path, processor, case: dict, cfg_inference: dict | None = Non
     n = len(case["mr"])
     for stale in ("node", "sink", "previews"):  # a fresh journal and sink per run
         shutil.rmtree(work / stale, ignore_errors=True)
-    sink = LocalSink(work / "sink", on_received=lambda _p: stages.update(len(sink.received))).start()
+    sink: LocalSink = LocalSink(work / "sink", on_received=lambda _p: stages.update(len(sink.received))).start()
     cfg = demo_config(work, sink, cfg_inference, rules)
     synthesising = threading.Event()
 
@@ -191,6 +192,9 @@ def run_case(work: Path, processor, case: dict, cfg_inference: dict | None = Non
         stages.update(done)
 
     node = Node(cfg, processor, serve_metrics=False, on_progress=on_slices)
+    engine = node.engine
+    if engine is None:
+        raise ValueError("the demo needs a processor")
     stages.start("starting the inference process (loads the model)")
     t0 = time.time()
     try:
@@ -198,7 +202,7 @@ def run_case(work: Path, processor, case: dict, cfg_inference: dict | None = Non
     except BaseException:
         sink.stop()
         raise
-    stages.print(f"model {node.engine.info['name']} on {node.engine.info['device']} ready in {time.time() - t0:.1f} s")
+    stages.print(f"model {engine.info['name']} on {engine.info['device']} ready in {time.time() - t0:.1f} s")
     try:
         stages.start(f"sending {n} MR slices to the node (C-STORE)", n)
         t0 = time.time()
@@ -223,7 +227,7 @@ def run_case(work: Path, processor, case: dict, cfg_inference: dict | None = Non
         latency = acked - job.last_instance_at if acked is not None else None
         received = sorted((p for _, p in sink.received), key=lambda p: int(dcmread(p, stop_before_pixels=True)
                                                                             .InstanceNumber))
-        res = DemoResult(node.engine.info["name"], node.engine.info["device"], n, (case["rows"], case["cols"]),
+        res = DemoResult(engine.info["name"], engine.info["device"], n, (case["rows"], case["cols"]),
                          job.state, job.error or (job.reason if job.state == "ignored" else None), dict(job.timings),
                          latency, send_seconds, received)
     finally:
@@ -245,7 +249,7 @@ def _previews_and_metrics(case: dict, received: list[Path], out_dir: Path) -> tu
                   for ds in map(dcmread, case["fusion"])}  # the phantom's fusion names its MR slice first
     real = [real_by_mr[o.SourceImageSequence[0].ReferencedSOPInstanceUID] for o in outputs]
     paths = write_previews(sources, outputs, out_dir, extra=real)
-    metrics = {}
+    metrics: dict[str, float] = {}
     try:
         from dicomnode.tools.imagemetrics import psnr, ssim
     except ImportError:
@@ -262,7 +266,7 @@ def run_demo(out: Path, model: str = "default", device: str = "auto", seed: int 
              slices: int = 15, echo=print, stages: Stages | None = None) -> DemoResult:
     """The `dicomnode demo` command: load the shipped model, run one phantom case, report."""
     from dicomnode.config import InferenceConfig
-    from dicomnode.node import Synthesis
+    from dicomnode.engine import Synthesis
     from dicomnode.tools.phantom import write_case
 
     stages = stages or Stages()

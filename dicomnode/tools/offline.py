@@ -168,7 +168,7 @@ def run_infer_cluster(in_dir: Path, out_dir: Path, engine, *, rules: RulesConfig
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from dicomnode.process import ProcessRequest
+    from dicomnode.engine import InferenceRequest
 
     outcomes, groups = decide(in_dir, rules, select_all)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def run_infer_cluster(in_dir: Path, out_dir: Path, engine, *, rules: RulesConfig
     todo: list[tuple[SeriesOutcome, list[Dataset]]] = []
     for outcome in outcomes:
         old = previous.get(outcome.series_uid)
-        if outcome.selected and _finished(old):
+        if outcome.selected and old is not None and _finished(old):
             outcome.output_dir, outcome.outputs, outcome.timings = old["output_dir"], old["outputs"], old["timings"]
             outcome.reason = f"{outcome.reason}; done by an earlier run"
         elif outcome.selected:
@@ -197,7 +197,7 @@ def run_infer_cluster(in_dir: Path, out_dir: Path, engine, *, rules: RulesConfig
         try:
             staging.mkdir(parents=True)
             paths = tuple(str(h.filename) for h in headers)
-            result = engine.run(ProcessRequest(k, str(headers[0].StudyInstanceUID), outcome.series_uid, paths,
+            result = engine.run(InferenceRequest(k, str(headers[0].StudyInstanceUID), outcome.series_uid, paths,
                                                str(staging)), timeout=timeout)
             first = dcmread(next(staging.glob("*.dcm")), stop_before_pixels=True)
             target = out_dir / check_uid(first.SeriesInstanceUID, "output Series Instance UID")

@@ -14,11 +14,10 @@ from dicomnode.cli import app
 from dicomnode.config import config_from_dict
 from dicomnode.journal import JobState
 from dicomnode.node import Node
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from doubles import CopyProcessor
-from nodehelpers import make_raw_config, wait_for, write_toml
+from tests.support.dicomfactory import make_series
+from tests.support.doubles import CopyProcessor
+from tests.support.nodehelpers import make_raw_config, wait_for, write_toml
+from tests.support.peers import dcmtk, run
 
 pytestmark = pytest.mark.integration
 

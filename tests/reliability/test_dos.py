@@ -12,13 +12,12 @@ import threading
 import time
 
 import pytest
-from test_scp import make_certs
 
 from dicomnode.node import Node
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from nodehelpers import make_config
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_config
+from tests.support.peers import dcmtk, run
+from tests.test_scp import make_certs
 
 pytestmark = pytest.mark.integration
 

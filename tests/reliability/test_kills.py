@@ -2,7 +2,7 @@
 are delivered. Afterwards: no acknowledged instance lost, exactly one complete result series per
 source series at the PACS, no SOP Instance UID delivered twice with different pixels, no job
 stuck. The short form runs in CI; DICOMNODE_RELIABILITY=long runs the long one (see
-docs/reliability.md)."""
+docs/developer/testing.md)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
 from dicomnode.journal import ACTIVE_STATES, JobState, Journal
-
-from conftest import free_port
-from dicomfactory import make_series
-from nodehelpers import Sink, make_raw_config, write_toml
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import Sink, make_raw_config, write_toml
+from tests.support.peers import free_port
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
 
 pytestmark = pytest.mark.integration
 

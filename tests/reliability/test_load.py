@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from dicomnode.node import Node
-
-from conftest import dcmtk
-from dicomfactory import make_series
-from nodehelpers import make_config, wait_for
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_config, wait_for
+from tests.support.peers import dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +41,11 @@ def test_instances_acknowledged_to_four_concurrent_senders_survive_a_kill(tmp_pa
     from pydicom import dcmread
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage
-    from test_kills import Serve
 
     from dicomnode.journal import Journal
-
-    from conftest import free_port
-    from nodehelpers import dataset_bytes, make_raw_config, write_toml
+    from tests.reliability.test_kills import Serve
+    from tests.support.nodehelpers import dataset_bytes, make_raw_config, write_toml
+    from tests.support.peers import free_port
 
     port = free_port()
     toml = write_toml(tmp_path / "node.toml", make_raw_config(tmp_path, port, inference={"model": "none"},

@@ -16,10 +16,9 @@ from pynetdicom import AE
 
 from dicomnode.node import Node
 from dicomnode.wire import MalformedDataSet, check_encoded, check_image
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from nodehelpers import make_config
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import make_config
+from tests.support.peers import dcmtk, run
 
 pytestmark = pytest.mark.integration
 

@@ -19,11 +19,10 @@ import pytest
 from dicomnode.config import config_from_dict
 from dicomnode.journal import JobState
 from dicomnode.node import Node
-
-from conftest import dcmtk, run
-from dicomfactory import make_series
-from doubles import CopyProcessor
-from nodehelpers import make_raw_config, sop_uid, wait_for, write_toml
+from tests.support.dicomfactory import make_series
+from tests.support.doubles import CopyProcessor
+from tests.support.nodehelpers import make_raw_config, sop_uid, wait_for, write_toml
+from tests.support.peers import dcmtk, run
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ a while, then takes them again) and one is a black hole (accepts TCP, never answ
 Afterwards: no acknowledged instance lost, no instance delivered twice to the flapping
 destination, no job stuck, one complete result series per source series; the RSS of the node
 and of its inference process at the start, middle and end. The short form runs in CI;
-DICOMNODE_RELIABILITY=long runs 30 minutes (docs/reliability.md)."""
+DICOMNODE_RELIABILITY=long runs 30 minutes (docs/developer/testing.md)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,14 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from test_dispatch import BlackHole
-from test_kills import Serve, send_until_acknowledged
 
 from dicomnode.journal import ACTIVE_STATES, Journal
-
-from conftest import free_port
-from dicomfactory import make_series
-from nodehelpers import Sink, make_raw_config, write_toml
-from tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.reliability.test_kills import Serve, send_until_acknowledged
+from tests.support.dicomfactory import make_series
+from tests.support.nodehelpers import Sink, make_raw_config, write_toml
+from tests.support.peers import free_port
+from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.test_dispatch import BlackHole
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """Synthetic paired data: sagittal T2FS spine MR, matching FDG PET, and PET/T2FS fusion SC series.
 
 No patient data can be used here, so the demo, the tests and the shipped model's training all
-draw on this phantom (docs/phantom.md).
+draw on this phantom (docs/user-guide/research/phantom.md).
 """
 
 from dicomnode.tools.phantom.fusion import OPACITY, SUV_WINDOW, hot_colormap, render_fusion

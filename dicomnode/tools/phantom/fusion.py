@@ -1,6 +1,6 @@
 """PET/T2FS fusion rendering, as a reading workstation exports it.
 
-Fixed, documented presentation (docs/phantom.md):
+Fixed, documented presentation (docs/user-guide/research/phantom.md):
 - T2FS in grey through the MR series' own VOI window (Window Center/Width from its header;
   the phantom writes 0.5th..99.5th percentile of the series);
 - PET in the "hot" colour map (black-red-yellow-white, matplotlib's `hot`) over SUV 0..7;

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: DICOM factories, test doubles, node configs, real-peer plumbing."""
