@@ -59,8 +59,8 @@ from scipy import ndimage
 from dicomnode.infer.grid import GridPlacement, normalize_series
 from dicomnode.infer.model import load_model, read_card, write_card
 from dicomnode.tools import imagemetrics
+from dicomnode.tools.fusion import render_fusion
 from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
-from dicomnode.tools.phantom.fusion import render_fusion
 from dicomnode.tools.phantom.generate import plan_cases, scene, simulate
 from dicomnode.tools.phantom.uptake import pet_acquire
 
@@ -183,6 +183,7 @@ def lesion_scores(real: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) ->
 def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
     """Per-slice PSNR/SSIM/MSE of the ceiling, the floor, and (draws > 0) the typical guess and
     the MR-only bound, and (with a model) of the model; the same inside the lesion, if any."""
+    spec.pet_grid = "mr"  # everything here is on the MR grid: the scanner's axial PET is not needed
     sim = simulate(spec)
     g = sim.grid
     clean = _blur(sim.suv_true, g, sim.meta["pet_fwhm_mm"])

@@ -30,8 +30,9 @@ def main() -> None:
         dt = time.perf_counter() - t0
         slices = sum(r["slices"] for r in records)
         voxels = sum(r["slices"] * r["rows"] * r["cols"] for r in records)
-        print(f"phantom: {a.cases} cases, {slices} slice pairs ({3 * slices} DICOM files, "
-              f"{voxels / 1e6:.0f} Mvoxel) in {dt:.1f} s with {a.jobs} job(s) on {os.cpu_count()} CPUs "
+        files = sum(len(r[k]) for r in records for k in ("mr", "pet", "fusion"))
+        print(f"phantom: {a.cases} cases, {slices} slice pairs ({files} DICOM files, "
+              f"{voxels / 1e6:.0f} Mvoxel of MR) in {dt:.1f} s with {a.jobs} job(s) on {os.cpu_count()} CPUs "
               f"= {dt / slices * 1000:.0f} ms per slice pair; target < 120 s: {'PASS' if dt < 120 else 'FAIL'}")
     finally:
         if a.keep is None:

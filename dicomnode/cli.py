@@ -32,6 +32,9 @@ def phantom(
     max_slices: int = typer.Option(20, "--max-slices", min=1),
     preview: bool = typer.Option(False, "--preview", help="Also write OUT_DIR/preview.png (contact sheet)."),
     jobs: int = typer.Option(1, "--jobs", min=1, help="Worker processes (output does not depend on it)."),
+    pet_grid: str = typer.Option("scanner", "--pet-grid",
+                                 help="scanner: axial PET on its own grid, as a PET/MR writes it; "
+                                      "mr: PET resampled onto the MR slices."),
 ) -> None:
     """Write synthetic sagittal T2FS MR + FDG PET + PET/T2FS fusion studies (paired phantom data)."""
     import time
@@ -40,12 +43,14 @@ def phantom(
 
     if min_matrix > max_matrix or min_slices > max_slices:
         raise typer.BadParameter("a --min-* option exceeds its --max-* option")
+    if pet_grid not in ("scanner", "mr"):
+        raise typer.BadParameter("--pet-grid must be scanner or mr")
     t0 = time.perf_counter()
     with _progress("phantom studies") as bar:
         task = bar.add_task("studies", total=cases)
         records = generate(out_dir, cases, seed, lesion_fraction=lesion_fraction, min_matrix=min_matrix,
                            max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices, preview=preview,
-                           jobs=jobs, on_case=lambda _r: bar.advance(task))
+                           jobs=jobs, on_case=lambda _r: bar.advance(task), pet_grid=pet_grid)
     n_slices = sum(r["slices"] for r in records)
     typer.echo(f"{len(records)} studies, {len({r['patient_id'] for r in records})} patients, "
                f"{sum(r['lesion'] for r in records)} with lesion, {n_slices} slice pairs "

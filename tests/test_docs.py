@@ -58,6 +58,9 @@ def test_every_command_is_in_the_cli_reference():
     assert len(names) > 10
     missing = [n for n in names if f"`{n}" not in text]
     assert missing == []
+    from training.__main__ import COMMANDS
+
+    assert [n for n in COMMANDS if f"### `{n}`" not in text] == []  # python -m training's commands
 
 
 def test_the_readme_links_point_at_files_that_exist():

@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicomnode.tools.fusion import OPACITY, SUV_WINDOW
 from dicomnode.tools.phantom import generate, plan_cases, render_fusion, simulate, write_case
-from dicomnode.tools.phantom.fusion import OPACITY, SUV_WINDOW
-from dicomnode.tools.phantom.uptake import suv_from_pet
+from dicomnode.tools.suv import suv_from_pet
 
 TINY = dict(min_matrix=64, max_matrix=96, min_slices=3, max_slices=4)
 
@@ -49,7 +49,11 @@ def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
 
 
 def test_every_object_passes_dciodvfy(tiny):
-    files = _files(tiny)
+    # every MR and SC object; of a scanner's PET series (100-200 slices), the first, middle and last
+    files = [f for f in _files(tiny) if f.parent.name != "PET"]
+    for pet in sorted(tiny.glob("case*/PET")):
+        slices = sorted(pet.glob("*.dcm"))
+        files += [slices[0], slices[len(slices) // 2], slices[-1]]
     kinds = {pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID.name for f in files}
     assert kinds == {"MR Image Storage", "Positron Emission Tomography Image Storage",
                      "Secondary Capture Image Storage"}
@@ -91,20 +95,20 @@ def test_mr_series_attributes(tiny):
         assert vol.max() <= 4095 and vol.min() >= 0
         # Rician noise: air is not zero and its mean is well above zero (magnitude images)
         assert np.percentile(vol, 1) >= 0 and vol[vol < np.percentile(vol, 10)].mean() > 0
-        pet = [pydicom.dcmread(tiny / p) for p in c["pet"]]
+        pet = [pydicom.dcmread(tiny / p, stop_before_pixels=True) for p in c["pet"]]
         assert {p.FrameOfReferenceUID for p in pet} == {first.FrameOfReferenceUID}
-        assert [p.ImagePositionPatient for p in pet] == [m.ImagePositionPatient for m in series]
         assert pet[0].Units == "BQML" and pet[0].StudyInstanceUID == first.StudyInstanceUID
 
 
-def test_fusion_slice_k_is_rendered_on_mr_slice_k(tiny):
-    cases = json.loads((tiny / "cases.json").read_text())["cases"]
-    for c in cases:
-        mr = {d.SOPInstanceUID: d for d in (pydicom.dcmread(tiny / p) for p in c["mr"])}
-        pet = {d.SOPInstanceUID: d for d in (pydicom.dcmread(tiny / p) for p in c["pet"])}
+def test_fusion_slice_k_is_rendered_on_mr_slice_k(tmp_path):
+    # with the PET written on the MR grid (--pet-grid mr), each fusion is that PET slice over its MR slice
+    generate(tmp_path, 3, seed=11, lesion_fraction=0.6, pet_grid="mr", **TINY)
+    for c in json.loads((tmp_path / "cases.json").read_text())["cases"]:
+        mr = {d.SOPInstanceUID: d for d in (pydicom.dcmread(tmp_path / p) for p in c["mr"])}
+        pet = {d.SOPInstanceUID: d for d in (pydicom.dcmread(tmp_path / p) for p in c["pet"])}
         normal = None
         for k, p in enumerate(c["fusion"]):
-            fu = pydicom.dcmread(tiny / p)
+            fu = pydicom.dcmread(tmp_path / p)
             assert fu.StudyInstanceUID == c["study_uid"] and fu.InstanceNumber == k + 1
             ref = fu.ReferencedImageSequence[0].ReferencedSOPInstanceUID
             m = mr[ref]
@@ -244,3 +248,38 @@ def test_pet_blur_fwhm_and_rician_background():
                      noise=0.03, rng=np.random.default_rng(1))
     # Rician (Rayleigh at zero signal): mean = sigma * sqrt(pi / 2), never negative
     assert mag.mean() == pytest.approx(30.0 * np.sqrt(np.pi / 2), rel=0.05)
+
+
+@pytest.mark.parametrize("vendor", ["siemens", "ge", "philips"])
+def test_pet_is_written_as_the_scanner_writes_it(tmp_path, vendor):
+    """Axial PT slices on the PET's own grid, covering the MR field of view, on the MR's Frame of
+    Reference, with what SUV needs; SUV read back by the QIBA rules is what the phantom simulated."""
+    from dicomnode.tools.phantom.generate import plan_cases
+
+    rec = write_case(tmp_path, 7, vendor=vendor, rows=64, slices=8, lesion=True)
+    mr = [pydicom.dcmread(p) for p in rec["mr"]]
+    pet = [pydicom.dcmread(p) for p in rec["pet"]]
+    first = pet[0]
+    assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    assert 2.0 <= float(first.PixelSpacing[0]) <= 4.0 and 128 <= first.Rows <= 256 and first.Rows == first.Columns
+    assert {p.FrameOfReferenceUID for p in pet} == {mr[0].FrameOfReferenceUID}
+    assert first.Units == "BQML" and {"ATTN", "DECY"} <= set(first.CorrectedImage) and first.DecayCorrection == "START"
+    radio = first.RadiopharmaceuticalInformationSequence[0]
+    assert float(radio.RadionuclideTotalDose) > 1e8 and float(radio.RadionuclideHalfLife) == pytest.approx(6586.2)
+    assert radio.RadiopharmaceuticalStartDateTime[:8] == first.SeriesDate and float(first.PatientWeight) > 30
+    uptake = (int(first.SeriesTime[:2]) * 60 + int(first.SeriesTime[2:4])) - (
+        int(radio.RadiopharmaceuticalStartTime[:2]) * 60 + int(radio.RadiopharmaceuticalStartTime[2:4]))
+    assert 54 <= uptake <= 76 and first.AcquisitionTime == first.SeriesTime
+    assert len({p.RescaleSlope for p in pet}) > 1  # per-slice slope
+    z = sorted(float(p.ImagePositionPatient[2]) for p in pet)
+    mr_z = [float(m.ImagePositionPatient[2]) - r * float(m.PixelSpacing[0]) for m in mr[:1] for r in (0, m.Rows - 1)]
+    assert z[0] <= min(mr_z) + 1e-3 and z[-1] >= max(mr_z) - 1e-3
+    assert np.allclose(np.diff(z), float(first.SliceThickness), atol=1e-3)
+    assert not _dciodvfy_errors(Path(rec["pet"][len(pet) // 2]))
+    spec = plan_cases(1, 7)[0]
+    spec.vendor, spec.rows, spec.cols, spec.slices, spec.lesion = vendor, 64, 64, 8, True
+    sim = simulate(spec)
+    assert sim.pet_grid is not None and sim.pet_suv is not None and sim.pet_grid.slices == len(pet)
+    order = np.argsort([float(p.ImagePositionPatient[2]) for p in pet])
+    read = np.stack([suv_from_pet(pet[i]) for i in order])
+    assert np.abs(read - sim.pet_suv).max() < 2e-3 * max(float(sim.pet_suv.max()), 1.0)

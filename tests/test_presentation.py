@@ -8,7 +8,7 @@ from scipy import ndimage
 from dicomnode.infer.grid import normalize_series, rgb_to_unit
 from dicomnode.infer.model import ModelError, load_model, read_card, write_card
 from dicomnode.infer.presentation import OutputSpec, finish_fusion, gaussian_blur, project_hot_hull
-from dicomnode.tools.phantom.fusion import hot_colormap, render_fusion
+from dicomnode.tools.fusion import hot_colormap, render_fusion
 from tests.support.tinymodel import make_tiny_model
 
 HOT = OutputSpec("hot", 0.5, 1.0)

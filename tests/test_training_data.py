@@ -14,7 +14,8 @@ import pytest
 from dicomnode.infer.grid import GridPlacement
 from dicomnode.tools.phantom import generate
 from training.__main__ import main as training_main
-from training.data import PairedDataset, build_dataset, split_patients
+from training.data import PairedDataset, build_dataset, default_site_key, split_patients
+from training.deid import Pseudonymizer, load_or_create_key
 
 TINY = dict(min_matrix=64, max_matrix=96, min_slices=3, max_slices=4)
 
@@ -42,6 +43,11 @@ def _cases(export: Path) -> list[dict]:
     return json.loads((export / "cases.json").read_text())["cases"]
 
 
+def _pseudo() -> Pseudonymizer:
+    """The pseudonyms build-dataset gives with the tests' site key."""
+    return Pseudonymizer(load_or_create_key(default_site_key()))
+
+
 def test_contract_files(built, export):
     m = json.loads((built / "manifest.json").read_text())
     cases = _cases(export)
@@ -57,9 +63,10 @@ def test_contract_files(built, export):
     assert float(mr.min()) >= -1 and float(mr.max()) <= 1
     rows = _pairs(built)
     assert [int(r["index"]) for r in rows] == list(range(n))
-    by_study = {c["study_uid"]: c for c in cases}
+    by_case = {c["case_id"]: c for c in cases}
     for r in rows:
-        c = by_study[r["study_uid"]]
+        c = by_case[r["phantom_case"]]
+        assert r["study_uid"] == _pseudo().uid(c["study_uid"]) != c["study_uid"]
         assert r["lesion"] == str(int(c["lesion"]))
         assert (r["uptake"] == "") == (c["suv_max"] is None)
 
@@ -71,7 +78,9 @@ def test_split_is_patient_level_and_reproducible(built, export):
     assert all(sets)
     for r in _pairs(built):
         assert r["patient_id"] in m["splits"][r["split"]]
-    assert split_patients(sorted(set().union(*sets)), 3) == m["splits"]
+    pids = sorted({c["patient_id"] for c in _cases(export)})
+    clear = split_patients(pids, 3)  # drawn on the patients, then pseudonymised
+    assert {k: sorted(_pseudo().patient(p, "PHANTOM") for p in v) for k, v in clear.items()} == m["splits"]
     many = split_patients([f"p{i}" for i in range(94)], 0)
     assert [len(many[s]) for s in ("train", "val", "test")] == [76, 9, 9]
 
@@ -81,7 +90,7 @@ def test_pairs_match_the_referenced_mr_slice(built, export):
     rows = _pairs(built)
     fu = np.load(built / "fusion.npy", mmap_mode="r")
     for c in _cases(export)[:4]:
-        mine = [r for r in rows if r["study_uid"] == c["study_uid"]]
+        mine = [r for r in rows if r["phantom_case"] == c["case_id"]]
         pos = [float(r["position_mm"]) for r in mine]
         assert pos == sorted(pos) and len(mine) == c["slices"]
         for r in mine:
@@ -144,11 +153,12 @@ def test_broken_pairs_are_reported_and_skipped(export, tmp_path):
     by_reason[cases[3]["study_uid"]] = "mismatched geometry"
     m = build_dataset(bad, tmp_path / "data", seed=0)
     reasons = {s["study_uid"]: s["reason"] for s in m["skipped"]}
+    p = _pseudo()
     for study, why in by_reason.items():
-        assert study in reasons and reasons[study].startswith(why), (study, reasons.get(study))
-    assert reasons[cases[2]["study_uid"]] == "no fusion series in study"
-    kept = {r["study_uid"] for r in _pairs(tmp_path / "data")}
-    assert kept == {c["study_uid"] for c in cases[4:]}
+        assert p.uid(study) in reasons and reasons[p.uid(study)].startswith(why), (study, reasons.get(p.uid(study)))
+    assert reasons[p.uid(cases[2]["study_uid"])] == "no fusion series in study"
+    kept = {r["phantom_case"] for r in _pairs(tmp_path / "data")}
+    assert kept == {c["case_id"] for c in cases[4:]}
     assert m["counts"]["pairs"] == sum(c["slices"] for c in cases[4:])
 
 
@@ -176,7 +186,7 @@ def test_pairing_by_position_without_references(export, tmp_path):
     assert m["counts"]["pairs"] == n and m["skipped"] == []
     fu = np.load(tmp_path / "data" / "fusion.npy")
     ref = build_dataset(export, tmp_path / "ref", seed=0)
-    ref_rows = [r for r in _pairs(tmp_path / "ref") if r["study_uid"] == c["study_uid"]]
+    ref_rows = [r for r in _pairs(tmp_path / "ref") if r["phantom_case"] == c["case_id"]]
     ref_fu = np.load(tmp_path / "ref" / "fusion.npy")
     assert ref["counts"]["pairs"] >= n
     for k, r in enumerate(ref_rows):

@@ -19,8 +19,8 @@ from PIL import Image
 
 from dicomnode.tools.phantom import write_case
 from tests.support.nodehelpers import make_raw_config, write_toml
+from tests.support.orthanc import ORTHANC, routing_orthanc
 from tests.support.peers import wait_for_node
-from tests.test_orthanc import ORTHANC, OrthancServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,7 +36,7 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                          and SHIPPED.exists()),
                     reason="needs Orthanc with orthanc-webviewer, Debian chromium and the shipped model")
 def test_the_synthetic_series_in_orthancs_web_viewer(tmp_path, port):
-    orthanc = OrthancServer(tmp_path, port, plugins=[str(WEB_VIEWER)])
+    orthanc = routing_orthanc(tmp_path, port, plugins=[str(WEB_VIEWER)])
     raw = make_raw_config(
         tmp_path, port, series={"quiet_seconds": 2.0},
         node={"allowed_calling_aets": ["PACS"], "allowed_hosts": ["127.0.0.1"]},

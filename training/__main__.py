@@ -9,7 +9,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build-dataset": ("training.data", "pair an export into the paired data set (manifest, arrays, pairs.csv)"),
+    "retrieve": ("training.retrieve", "fetch T2FS and PT series from a PACS (C-FIND, C-GET) into an export folder"),
+    "build-dataset": ("training.data", "pair an export into the de-identified paired data set (manifest, arrays, pairs.csv)"),
     "pix2pix": ("training.pix2pix", "train the Pix2Pix generator (LSGAN + L1, PatchGAN)"),
     "select": ("training.select", "choose a Pix2Pix snapshot on the validation split (PSNR, SSIM, hot uptake)"),
     "cddpm": ("training.cddpm", "train the cDDPM refiner and export the model directory"),

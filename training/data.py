@@ -1,10 +1,17 @@
 """Paired data set: T2FS slices and their PET/T2FS fusion images, on the model grid.
 
-`build_dataset` reads an export folder (the phantom's, or a hospital's export of sagittal T2FS
-series and fusion Secondary Capture series), pairs each fusion image with its MR slice by study
-and slice position, skips and reports broken pairs (never guesses), splits 8:1:1 by patient,
-and writes the files of the paired-dataset contract (docs/user-guide/research/paired-dataset.md):
-manifest.json, mr.npy (N,1,256,256 float16), fusion.npy (N,256,256,3 uint8), pairs.csv.
+`build_dataset` reads an export folder (the phantom's, or a hospital's) and pairs every T2FS
+slice with a fusion image, from one of two sources:
+
+- `fusion-sc`: fusion Secondary Capture series a workstation rendered, matched to their MR
+  slices by reference or position;
+- `raw-pet`: the PT series itself, on the MR's Frame of Reference, converted to SUV and
+  resampled onto each MR slice (`training.rawpet`), the MR series chosen by the node's rules.
+
+Broken or unconvertible studies are skipped with their reason (never guessed). The split is
+8:1:1 by patient. What is written holds no names, IDs, accession numbers, dates or original UIDs
+(`training.deid`): manifest.json, mr.npy (N,1,256,256 float16), fusion.npy (N,256,256,3 uint8),
+pairs.csv (docs/user-guide/research/paired-dataset.md); the key map goes to its own path.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import argparse
 import csv
 import json
 import logging
+import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,15 +30,19 @@ from typing import Sequence
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.geometry import ORIENTATION_TOL, GeometryError, make_geometry, stack_of
 from dicomnode.infer.grid import MODEL_GRID, GridPlacement, normalize_series, rgb_to_unit
+from training.deid import Pseudonymizer, load_or_create_key
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dicomnode-paired/1"
+SOURCES = ("fusion-sc", "raw-pet")
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+PET_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 SC_STORAGE = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}  # SC, multi-frame true colour SC
 SPLITS = ("train", "val", "test")
 ASPECT_TOL = 0.02
@@ -55,6 +68,8 @@ class Inst:
     frame_uid: str
     images_in_acquisition: int | None
     refs: list[str] = field(default_factory=list)
+    header: Dataset | None = None  # without pixels: for the rules, SUV and the key map
+    burned_in: bool = False
 
     def position(self, normal: np.ndarray) -> float | None:
         return None if self.ipp is None else float(np.dot(self.ipp, normal))
@@ -87,18 +102,21 @@ def read_header(path: Path) -> Inst | None:
                 samples=int(ds.get("SamplesPerPixel", 1)), spacing=_floats(ds.get("PixelSpacing"), 2),
                 iop=_floats(ds.get("ImageOrientationPatient"), 6), ipp=_floats(ds.get("ImagePositionPatient"), 3),
                 instance_number=int(ds.get("InstanceNumber", 0) or 0), frame_uid=str(ds.get("FrameOfReferenceUID", "")),
-                images_in_acquisition=int(iia) if iia not in (None, "") else None, refs=list(dict.fromkeys(refs)))
+                images_in_acquisition=int(iia) if iia not in (None, "") else None, refs=list(dict.fromkeys(refs)),
+                header=ds, burned_in=str(ds.get("BurnedInAnnotation", "")).upper() == "YES")
 
 
 @dataclass
 class PairedStudy:
-    """One fusion series matched slice by slice to one MR series (both sorted by MR position)."""
+    """One MR series (sorted by position) and its fusion source: a fusion SC series matched slice by
+    slice, or (`pet`) the PT series the fusions are rendered from."""
 
     study_uid: str
     patient_id: str
     mr: list[Inst]
     fusion: list[Inst]
     positions: list[float]
+    pet: list[Inst] | None = None
 
 
 class BrokenPair(Exception):
@@ -175,6 +193,8 @@ def pair_series(fusion: list[Inst], mr_by_sop: dict[str, Inst], series: dict[str
         raise BrokenPair("different studies: fusion and MR patient IDs differ")
     m0 = mr[0]
     for f in fusion:
+        if f.burned_in:
+            raise BrokenPair("BurnedInAnnotation (0028,0301) is YES: the pixels may carry identifying text")
         if f.samples != 3:
             raise BrokenPair("mismatched geometry: fusion image is not RGB")
         if abs((f.rows / f.cols) / (m0.rows / m0.cols) - 1) > ASPECT_TOL:
@@ -217,6 +237,62 @@ def find_pairs(insts: list[Inst]) -> tuple[list[PairedStudy], list[dict]]:
     return paired, skipped
 
 
+def find_pet_pairs(insts: list[Inst]) -> tuple[list[PairedStudy], list[dict]]:
+    """Per study: the one MR series the node's rules select and the one PT series on its Frame of
+    Reference whose header allows SUV; every other study is skipped with its reason."""
+    from dicomnode.config import RulesConfig
+    from dicomnode.rules import evaluate
+    from dicomnode.tools.suv import SuvError, series_scale
+
+    rules = RulesConfig()
+    by_study: dict[str, dict[str, list[Inst]]] = defaultdict(lambda: defaultdict(list))
+    for i in insts:
+        by_study[i.study_uid][i.series_uid].append(i)
+    paired, skipped = [], []
+    for study in sorted(by_study):
+        series = by_study[study]
+
+        def skip(reason: str, study: str = study) -> None:
+            skipped.append({"study_uid": study, "reason": reason})
+
+        mr_series = [s for s in series.values() if s[0].sop_class == MR_STORAGE]
+        chosen = [s for s in mr_series if evaluate(rules, s[0].series_uid, [m.header for m in s if m.header]).matched]
+        if len(chosen) != 1:
+            skip("no sagittal T2FS series (the node's rules)" if not chosen else
+                 f"{len(chosen)} series pass the node's rules: cannot tell which to pair")
+            continue
+        mr_all = chosen[0]
+        pts = [s for s in series.values() if s[0].sop_class == PET_STORAGE]
+        if not pts:
+            skip("no PT series in study")
+            continue
+        same_frame = [s for s in pts if s[0].frame_uid and s[0].frame_uid == mr_all[0].frame_uid]
+        if not same_frame:
+            skip("PT series on another Frame of Reference: FrameOfReferenceUID (0020,0052) differs from the MR's")
+            continue
+        usable, reasons = [], []
+        for s in same_frame:
+            try:
+                series_scale([x.header for x in s if x.header])
+                usable.append(s)
+            except SuvError as exc:
+                reasons.append(str(exc))
+        if len(usable) != 1:
+            skip(f"PT: {reasons[0]}" if not usable else f"{len(usable)} PT series allow SUV: cannot tell which to pair")
+            continue
+        try:
+            mr, pos = _check_mr(mr_all)
+        except BrokenPair as exc:
+            skip(str(exc))
+            continue
+        if {i.patient_id for i in usable[0]} != {mr[0].patient_id}:
+            skip("different patients: PT and MR patient IDs differ")
+            continue
+        paired.append(PairedStudy(study, mr[0].patient_id, mr, [], pos, pet=usable[0]))
+    paired.sort(key=lambda p: (p.patient_id, p.study_uid))
+    return paired, skipped
+
+
 def split_patients(patients: Sequence[str], seed: int) -> dict[str, list[str]]:
     """8:1:1 at patient level, reproducible from the seed (at least one val/test patient when
     there are enough patients)."""
@@ -236,56 +312,142 @@ def _case_info(export: Path) -> dict[str, dict]:
     return {c["study_uid"]: c for c in json.loads(f.read_text()).get("cases", [])}
 
 
-def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int = MODEL_GRID) -> dict:
-    """Scan `export`, pair, split and write the data set to `out`; return the manifest."""
+def default_site_key() -> Path:
+    """$DICOMNODE_SITE_KEY, else ~/.config/dicomnode/site.key (created on first use, 0600)."""
+    env = os.environ.get("DICOMNODE_SITE_KEY")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "dicomnode" / "site.key"
+
+
+def _fusion_grid(p: PairedStudy, k: int, raw_mr: np.ndarray, rendered: np.ndarray | None, size: int) -> np.ndarray:
+    """Fusion k of a study on the model grid: from its SC, or from the rendered raw-PET fusion."""
+    m0 = p.mr[0]
+    assert m0.spacing is not None
+    if rendered is not None:
+        rgb, rows, cols = rendered[k], m0.rows, m0.cols
+    else:
+        f = p.fusion[k]
+        rgb, rows, cols = pydicom.dcmread(f.path).pixel_array, f.rows, f.cols
+    place = GridPlacement.for_image(rows, cols, (m0.spacing[0] * m0.rows / rows, m0.spacing[1] * m0.cols / cols),
+                                    size=size)
+    grid_rgb = place.to_grid(np.moveaxis(rgb, -1, 0).astype(np.float32), fill=0.0)
+    return np.clip(np.rint(np.moveaxis(grid_rgb, 0, -1)), 0, 255).astype(np.uint8)
+
+
+def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int = MODEL_GRID, *,
+                  source: str = "fusion-sc", site_key: str | Path | None = None,
+                  key_map: str | Path | None = None) -> dict:
+    """Scan `export`, pair, split, de-identify and write the data set to `out`; return the manifest.
+
+    The key map (pseudonyms -> original IDs and UIDs) goes to `key_map`, by default
+    OUT.key-map.csv beside the data set folder, never inside it."""
+    from training.rawpet import PetRefused, fusion_slices, pet_volume, render_settings, resampling_settings
+
     export, out = Path(export), Path(out)
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}")
+    map_path = Path(key_map) if key_map is not None else out.with_name(out.name + ".key-map.csv")
+    if map_path.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"the key map {map_path} must not lie inside the data set {out}")
+    pseudo = Pseudonymizer(load_or_create_key(Path(site_key) if site_key is not None else default_site_key()))
     insts = [h for p in sorted(export.rglob("*")) if p.is_file() and p.name != "DICOMDIR"
              and p.suffix.lower() not in (".json", ".png", ".csv", ".npy") and (h := read_header(p)) is not None]
-    paired, skipped = find_pairs(insts)
-    splits = split_patients([p.patient_id for p in paired], seed)
-    split_of = {pid: name for name, pids in splits.items() for pid in pids}
+    paired, skipped = find_pairs(insts) if source == "fusion-sc" else find_pet_pairs(insts)
     info = _case_info(export)
-    n = sum(len(p.mr) for p in paired)
+    n_max = sum(len(p.mr) for p in paired)
     out.mkdir(parents=True, exist_ok=True)
-    mr_arr = np.lib.format.open_memmap(out / "mr.npy", mode="w+", dtype=np.float16, shape=(n, 1, size, size))
-    fu_arr = np.lib.format.open_memmap(out / "fusion.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    rows, i = [], 0
+    mr_arr = np.lib.format.open_memmap(out / "mr.tmp.npy", mode="w+", dtype=np.float16, shape=(n_max, 1, size, size))
+    fu_arr = np.lib.format.open_memmap(out / "fusion.tmp.npy", mode="w+", dtype=np.uint8, shape=(n_max, size, size, 3))
+    rows: list[dict] = []
+    kept: list[PairedStudy] = []
     for p in paired:
         m0 = p.mr[0]
-        vol = normalize_series(np.stack([pydicom.dcmread(m.path).pixel_array for m in p.mr]))
+        mr_ds = [pydicom.dcmread(m.path) for m in p.mr]
+        raw = np.stack([d.pixel_array for d in mr_ds])
+        rendered = None
+        if p.pet is not None:
+            try:
+                rendered = fusion_slices(mr_ds, raw, pet_volume([pydicom.dcmread(x.path) for x in p.pet]))
+            except PetRefused as exc:
+                skipped.append({"study_uid": p.study_uid, "reason": str(exc)})
+                continue
         if m0.spacing is None:
-            raise BrokenPair("mismatched geometry: the MR has no Pixel Spacing")
+            skipped.append({"study_uid": p.study_uid, "reason": "mismatched geometry: the MR has no Pixel Spacing"})
+            continue
+        kept.append(p)
+        vol = normalize_series(raw)
         place = GridPlacement.for_image(m0.rows, m0.cols, (m0.spacing[0], m0.spacing[1]), size=size)
         case = info.get(p.study_uid, {})
-        for k, (m, f) in enumerate(zip(p.mr, p.fusion)):
-            rgb = pydicom.dcmread(f.path).pixel_array
+        head = m0.header
+        study = pseudo.uid(p.study_uid, "study", patient_pseudonym=pseudo.patient(p.patient_id, _issuer(m0)),
+                           accession_number=str(head.get("AccessionNumber", "")) if head else "",
+                           study_date=str(head.get("StudyDate", "")) if head else "")
+        src_series = p.pet[0].series_uid if p.pet is not None else p.fusion[0].series_uid
+        for k, m in enumerate(p.mr):
+            i = len(rows)
             mr_arr[i, 0] = place.to_grid(vol[k], fill=-1.0).astype(np.float16)
-            fplace = GridPlacement.for_image(f.rows, f.cols, (m0.spacing[0] * m0.rows / f.rows,
-                                                              m0.spacing[1] * m0.cols / f.cols), size=size)
-            grid_rgb = fplace.to_grid(np.moveaxis(rgb, -1, 0).astype(np.float32), fill=0.0)
-            fu_arr[i] = np.clip(np.rint(np.moveaxis(grid_rgb, 0, -1)), 0, 255).astype(np.uint8)
-            rows.append({"index": i, "patient_id": p.patient_id, "study_uid": p.study_uid,
-                         "mr_series_uid": m.series_uid, "fusion_series_uid": f.series_uid, "slice_index": k,
+            fu_arr[i] = _fusion_grid(p, k, raw, rendered, size)
+            rows.append({"index": i, "patient_id": p.patient_id, "study_uid": study,
+                         "mr_series_uid": pseudo.uid(m.series_uid, "series"),
+                         "fusion_series_uid": pseudo.uid(src_series, "series"), "slice_index": k,
                          "position_mm": f"{p.positions[k]:.3f}",
                          "uptake": "" if case.get("suv_max") is None else case["suv_max"],
                          "lesion": "" if "lesion" not in case else int(bool(case["lesion"])),
-                         "split": split_of[p.patient_id]})
-            i += 1
-    mr_arr.flush()
-    fu_arr.flush()
+                         "phantom_case": case.get("case_id", "")})
+    n = len(rows)
+    _shrink(out, "mr", mr_arr, n)
+    _shrink(out, "fusion", fu_arr, n)
     del mr_arr, fu_arr
+    # The split is drawn on the original patients (as before de-identification), then pseudonymised.
+    splits_clear = split_patients([p.patient_id for p in kept], seed)
+    split_of = {pid: name for name, pids in splits_clear.items() for pid in pids}
+    issuer = {p.patient_id: _issuer(p.mr[0]) for p in kept}
+    for r in rows:
+        r["split"] = split_of[r["patient_id"]]
+        r["patient_id"] = pseudo.patient(r["patient_id"], issuer[r["patient_id"]])
     with open(out / "pairs.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["index", "patient_id", "study_uid", "mr_series_uid", "fusion_series_uid",
-                                           "slice_index", "position_mm", "uptake", "lesion", "split"])
+                                           "slice_index", "position_mm", "uptake", "lesion", "phantom_case", "split"])
         w.writeheader()
         w.writerows(rows)
-    counts = {"pairs": n, "patients": len(split_of)}
-    counts.update({s: sum(1 for r in rows if r["split"] == s) for s in SPLITS})
-    manifest = {"format": FORMAT, "grid": size, "seed": seed, "source": str(export), "counts": counts,
-                "splits": splits, "skipped": skipped, "created": datetime.now(timezone.utc).isoformat()}
+    for s in skipped:
+        s["study_uid"] = pseudo.uid(s["study_uid"], "study")
+        if "fusion_series_uid" in s:
+            s["fusion_series_uid"] = pseudo.uid(s["fusion_series_uid"], "series")
+    counts = {"pairs": n, "patients": len(split_of), "studies": len(kept)}
+    counts.update({sp: sum(1 for r in rows if r["split"] == sp) for sp in SPLITS})
+    splits = {name: sorted(pseudo.patient(pid, issuer[pid]) for pid in pids) for name, pids in splits_clear.items()}
+    manifest = {"format": FORMAT, "grid": size, "seed": seed, "source": source, "counts": counts,
+                "splits": splits, "skipped": skipped, "render": render_settings(),
+                "deidentification": {"profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality "
+                                                "Profile: no names, IDs, accession numbers, dates or original UIDs",
+                                     "pseudonyms": "HMAC-SHA256 with the site key", "key_map": "kept apart"},
+                "created_year": datetime.now(timezone.utc).year}
+    if source == "raw-pet":
+        manifest["resampling"] = resampling_settings()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    log.info("paired %d slices from %d studies; skipped %d series", n, len(paired), len(skipped))
+    pseudo.write_map(map_path)
+    log.info("paired %d slices from %d studies; skipped %d studies or series", n, len(kept), len(skipped))
     return manifest
+
+
+def _issuer(m: Inst) -> str:
+    return str(m.header.get("IssuerOfPatientID", "")) if m.header is not None else ""
+
+
+def _shrink(out: Path, name: str, arr: np.memmap, n: int) -> None:
+    """Move the first n rows of the temporary array to OUT/name.npy."""
+    arr.flush()
+    if n == arr.shape[0]:
+        os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
+        return
+    final = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=arr.dtype, shape=(n, *arr.shape[1:]))
+    for a in range(0, n, 256):
+        final[a:a + 256] = arr[a:min(a + 256, n)]
+    final.flush()
+    del final
+    os.unlink(out / f"{name}.tmp.npy")
 
 
 class PairedDataset:
@@ -330,15 +492,26 @@ class PairedDataset:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training build-dataset", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training build-dataset", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--export", required=True, type=Path, help="export folder (phantom or hospital)")
     ap.add_argument("--out", required=True, type=Path, help="data set folder to write")
+    ap.add_argument("--from", dest="source", choices=SOURCES, default="fusion-sc",
+                    help="fusions from rendered fusion SC series, or rendered here from the raw PT series")
     ap.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    ap.add_argument("--site-key", type=Path, default=None,
+                    help="site secret for the pseudonyms (created if absent; default $DICOMNODE_SITE_KEY or "
+                         "~/.config/dicomnode/site.key)")
+    ap.add_argument("--key-map", type=Path, default=None,
+                    help="where the pseudonym -> original map goes (default OUT.key-map.csv, mode 0600)")
     a = ap.parse_args(argv)
-    m = build_dataset(a.export, a.out, a.seed)
+    try:
+        m = build_dataset(a.export, a.out, a.seed, source=a.source, site_key=a.site_key, key_map=a.key_map)
+    except ValueError as exc:
+        print(f"build-dataset: {exc}", file=sys.stderr)
+        return 2
     c = m["counts"]
-    print(f"{c['pairs']} pairs from {c['patients']} patients (train {c['train']}, val {c['val']}, "
-          f"test {c['test']}); {len(m['skipped'])} skipped -> {a.out}")
+    print(f"{c['pairs']} pairs from {c['studies']} studies of {c['patients']} patients (train {c['train']}, "
+          f"val {c['val']}, test {c['test']}); {len(m['skipped'])} skipped -> {a.out}")
     for s in m["skipped"]:
         print(f"  skipped study {s['study_uid']}: {s['reason']}")
     return 0

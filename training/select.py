@@ -70,23 +70,24 @@ def phantom_lesion_masks(export: str | Path, split: Split) -> torch.Tensor:
     if not info_path.is_file():
         raise ValueError(f"{export}: no cases.json, not a dicomnode phantom export")
     info = json.loads(info_path.read_text())
-    cases = {c["study_uid"]: c for c in info["cases"]}
+    cases = {c["case_id"]: c for c in info["cases"]}
     specs = {s.case_id: s for s in plan_cases(len(info["cases"]), info["seed"], info.get("lesion_fraction", 0.5),
                                               **info.get("plan", {}))}  # "plan": the generator's size options
     size = split.mr.shape[-1]
     masks = torch.zeros(len(split), 1, size, size, dtype=torch.bool)
     rows_of: dict[str, list[int]] = {}
-    for i, r in enumerate(split.rows):
-        rows_of.setdefault(r["study_uid"], []).append(i)
-    for uid, idx in rows_of.items():
-        case = cases.get(uid)
+    for i, r in enumerate(split.rows):  # the data set names its phantom case (its UIDs are pseudonyms)
+        rows_of.setdefault(r.get("phantom_case", ""), []).append(i)
+    for case_id, idx in rows_of.items():
+        case = cases.get(case_id)
         if case is None:
-            raise ValueError(f"{export}: study {uid} of the data set is not in cases.json")
+            raise ValueError(f"{export}: case {case_id or '(none)'} of the data set is not in cases.json")
         spec = specs[case["case_id"]]
         if (spec.rows, spec.cols, spec.slices) != (case["rows"], case["cols"], case["slices"]):
             raise ValueError(f"{export}: {case['case_id']} does not re-plan as written (other phantom options?)")
         if not spec.lesion:
             continue
+        spec.pet_grid = "mr"  # the lesion mask is on the MR grid: no need to simulate the scanner's PET
         sim = simulate(spec)
         place = GridPlacement.for_image(spec.rows, spec.cols, (sim.grid.row_spacing, sim.grid.col_spacing), size=size)
         for i in idx:

@@ -1,7 +1,7 @@
 """The model's output is a fusion of the *input* MR: keep its grey exact and its PET part plausible.
 
 The training fusions are rendered as rgb = (1 - opacity) * grey + opacity * hot(SUV)
-(dicomnode/tools/phantom/fusion.py): grey is the T2FS through its 0.5..99.5 percentile window,
+(dicomnode/tools/fusion.py): grey is the T2FS through its 0.5..99.5 percentile window,
 which is exactly the network input (`normalize_series`, [-1, 1]) mapped to [0, 1]. So the grey
 part of any fusion of this MR is known, and only the PET colour part is predicted. A card's
 `output` block (`OutputSpec`) declares that presentation; `finish_fusion` then

@@ -4,10 +4,10 @@ No patient data can be used here, so the demo, the tests and the shipped model's
 draw on this phantom (docs/user-guide/research/phantom.md).
 """
 
-from dicomnode.tools.phantom.fusion import OPACITY, SUV_WINDOW, hot_colormap, render_fusion
+from dicomnode.tools.fusion import OPACITY, SUV_WINDOW, hot_colormap, render_fusion
 from dicomnode.tools.phantom.generate import CaseSpec, generate, plan_cases, simulate, write_case
-from dicomnode.tools.phantom.uptake import suv_from_pet
 from dicomnode.tools.phantom.writers import VENDORS, series_description
+from dicomnode.tools.suv import suv_from_pet
 
 __all__ = ["render_fusion", "hot_colormap", "SUV_WINDOW", "OPACITY", "generate", "plan_cases", "simulate",
            "write_case", "CaseSpec", "suv_from_pet", "VENDORS", "series_description"]

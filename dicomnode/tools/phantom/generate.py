@@ -17,11 +17,19 @@ from typing import Callable
 
 import numpy as np
 
+from dicomnode.tools.fusion import render_fusion
 from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
-from dicomnode.tools.phantom.fusion import render_fusion
 from dicomnode.tools.phantom.grid import SliceGrid
 from dicomnode.tools.phantom.uptake import mr_acquire, pet_acquire, suv_scale_bqml
-from dicomnode.tools.phantom.writers import VENDORS, series_description, uid, write_fusion, write_mr, write_pet
+from dicomnode.tools.phantom.writers import (
+    VENDORS,
+    series_description,
+    stored_suv,
+    uid,
+    write_fusion,
+    write_mr,
+    write_pet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ class CaseSpec:
     fov_mm: float
     lesion: bool
     variant: int
+    pet_grid: str = "scanner"  # "scanner": axial PET as the scanner writes it; "mr": resampled onto the MR slices
 
 
 def _matrix(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int]:
@@ -122,10 +131,30 @@ def plan_cases(n: int, seed: int, lesion_fraction: float = 0.5, min_matrix: int 
 class Simulated:
     grid: SliceGrid
     mr: np.ndarray  # uint16 stored values
-    suv: np.ndarray  # measured SUV (float32)
+    suv: np.ndarray  # measured SUV on the MR grid (float32): what the fusion SC shows
     suv_true: np.ndarray
     lesion_mask: np.ndarray
     meta: dict
+    pet_grid: SliceGrid | None = None  # the scanner's axial PET (None with spec.pet_grid "mr")
+    pet_suv: np.ndarray | None = None  # measured SUV on pet_grid
+
+
+PET_PLANES = ("scanner", "mr")
+
+
+def scanner_pet_grid(mr: SliceGrid, vendor: str) -> SliceGrid:
+    """The vendor's axial PET reconstruction (matrix, pixel, slice) centred on the MR field of view,
+    with slices spanning the MR's whole head-foot extent."""
+    pet = VENDORS[vendor]["pet"]
+    corners = mr.positions()[[0, -1]]
+    extent = [corners[:, 2].min(), corners[:, 2].max()]
+    for r in (0, mr.rows - 1):
+        z = corners[:, 2] + r * mr.row_spacing * mr.col_cosine[2]
+        extent = [min(extent[0], z.min()), max(extent[1], z.max())]
+    n = int(np.ceil((extent[1] - extent[0]) / pet["thickness"])) + 1
+    centre = (mr.center[0], mr.center[1], float((extent[0] + extent[1]) / 2))
+    return SliceGrid("axial", n, pet["matrix"], pet["matrix"], pet["pixel"], pet["pixel"], pet["thickness"],
+                     pet["thickness"], centre)
 
 
 @dataclass
@@ -180,10 +209,16 @@ def simulate(spec: CaseSpec) -> Simulated:
     mr = mr_acquire(painted.mr, sc.grid, gain, mr_noise, rng)
     meta = dict(painted.meta, pet_fwhm_mm=round(fwhm, 2), pet_noise=noise, modic=sc.modic,
                 uptake_true=round(sc.lesion.suv_peak, 3) if sc.lesion else None)
-    return Simulated(sc.grid, mr, suv, painted.suv, painted.lesion_mask, meta)
+    sim = Simulated(sc.grid, mr, suv, painted.suv, painted.lesion_mask, meta)
+    if spec.pet_grid == "scanner":  # the same patient, lesion and scanner, on the PET's own grid
+        sim.pet_grid = scanner_pet_grid(sc.grid, spec.vendor)
+        prng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.case_index, 0x9E7]))
+        on_pet = paint_case(sc.anatomy, sim.pet_grid, spec.weighting, sc.lesion, sc.modic, prng)
+        sim.pet_suv = pet_acquire(on_pet.suv, sim.pet_grid, fwhm, noise, prng)
+    return sim
 
 
-def _case_header(spec: CaseSpec, grid: SliceGrid) -> dict:
+def _case_header(spec: CaseSpec, grid: SliceGrid, pet_slices: int) -> dict:
     """UIDs, times and dose: the per-case values the writers need."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.case_index, 0x4EAD]))
     key = (spec.seed, spec.case_index)
@@ -198,7 +233,8 @@ def _case_header(spec: CaseSpec, grid: SliceGrid) -> dict:
     age = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
     n = spec.slices
     desc = series_description(spec.vendor, spec.weighting, spec.orientation, spec.variant)
-    plane = {"sagittal": ("sag", "Sag"), "axial": ("tra", "Ax"), "coronal": ("cor", "Cor")}[spec.orientation]
+    planes = {"sagittal": ("sag", "Sag"), "axial": ("tra", "Ax"), "coronal": ("cor", "Cor")}
+    plane = planes["axial" if spec.pet_grid == "scanner" else spec.orientation]
     v = VENDORS[spec.vendor]
     mr_no = int(rng.integers(3, 9))
     return dict(
@@ -209,13 +245,13 @@ def _case_header(spec: CaseSpec, grid: SliceGrid) -> dict:
         study_id=str(1 + spec.case_index % 9999), referring="Ortho^Clinic",
         study_uid=uid(*key, "study"), frame_uid=uid(*key, "frame"),
         mr_series_uid=uid(*key, "mr"), pet_series_uid=uid(*key, "pet"), fusion_series_uid=uid(*key, "fusion"),
-        mr_sop_uids=[uid(*key, "mr", k) for k in range(n)], pet_sop_uids=[uid(*key, "pet", k) for k in range(n)],
+        mr_sop_uids=[uid(*key, "mr", k) for k in range(n)], pet_sop_uids=[uid(*key, "pet", k) for k in range(pet_slices)],
         fusion_sop_uids=[uid(*key, "fusion", k) for k in range(n)],
         mr_series_number=mr_no, pet_series_number=100 + mr_no, fusion_series_number=9000 + mr_no,
         series_description=desc, pet_description=v["pet_desc"].format(p=plane[0], P=plane[1]),
         fusion_description=v["fusion_desc"].format(d=desc, P=plane[1]),
         injection_time=f"{int(inj // 3600):02d}{int(inj % 3600 // 60):02d}{int(inj % 60):02d}",
-        dose_bq=dose, bqml_per_suv=suv_scale_bqml(spec.weight, dose, uptake_s))
+        dose_bq=dose, bqml_per_suv=suv_scale_bqml(spec.weight, dose, uptake_s), pet_on_mr_grid=spec.pet_grid == "mr")
 
 
 def uptake_group(suv_max: float | None) -> str | None:
@@ -228,15 +264,18 @@ def uptake_group(suv_max: float | None) -> str | None:
 def write_spec(spec: CaseSpec, out_dir: Path, with_thumb: bool = False) -> dict:
     """Simulate and write one case under out_dir/<case_id>/{MR,PET,FUSION}; return its record."""
     sim = simulate(spec)
-    head = _case_header(spec, sim.grid)
+    pet_grid, pet_suv = (sim.pet_grid, sim.pet_suv) if sim.pet_grid is not None else (sim.grid, sim.suv)
+    head = _case_header(spec, sim.grid, pet_grid.slices)
     case_dir = Path(out_dir) / spec.case_id
     lo, hi = (float(v) for v in np.percentile(sim.mr, [0.5, 99.5]))
     window = (float(round((lo + hi) / 2)), float(max(round(hi - lo), 1)))  # as written to the header
     mr_paths = write_mr(head, sim.grid, sim.mr, case_dir / "MR", window)
-    pet_paths, stored_suv = write_pet(head, sim.grid, sim.suv, case_dir / "PET")
-    rgb = np.stack([render_fusion(sim.mr[k], stored_suv[k], t2_window=window) for k in range(spec.slices)])
+    pet_paths = write_pet(head, pet_grid, pet_suv, case_dir / "PET", on_mr_grid=sim.pet_grid is None)
+    # The workstation's fusion: the PET as simulated at the MR's resolution, stored as the scanner would.
+    fused_suv = stored_suv(sim.suv, head["bqml_per_suv"])
+    rgb = np.stack([render_fusion(sim.mr[k], fused_suv[k], t2_window=window) for k in range(spec.slices)])
     fusion_paths = write_fusion(head, sim.grid, rgb, case_dir / "FUSION")
-    suv_max = float(stored_suv[sim.lesion_mask].max()) if spec.lesion and sim.lesion_mask.any() else None
+    suv_max = float(fused_suv[sim.lesion_mask].max()) if spec.lesion and sim.lesion_mask.any() else None
     record = {
         "case_id": spec.case_id, "patient_id": spec.patient_id, "study_uid": head["study_uid"],
         "study_date": spec.study_date, "lesion": spec.lesion, "lesion_level": sim.meta.get("lesion_level"),
@@ -245,7 +284,9 @@ def write_spec(spec: CaseSpec, out_dir: Path, with_thumb: bool = False) -> dict:
         "series_description": head["series_description"], "weighting": spec.weighting,
         "orientation": spec.orientation, "rows": spec.rows, "cols": spec.cols, "slices": spec.slices,
         "pixel_spacing_mm": sim.grid.row_spacing, "slice_spacing_mm": sim.grid.slice_spacing,
-        "pet_fwhm_mm": sim.meta["pet_fwhm_mm"], "mr_series_uid": head["mr_series_uid"],
+        "pet_fwhm_mm": sim.meta["pet_fwhm_mm"], "pet_grid": spec.pet_grid,
+        "pet_pixel_spacing_mm": pet_grid.row_spacing, "pet_slice_spacing_mm": pet_grid.slice_spacing,
+        "mr_series_uid": head["mr_series_uid"],
         "pet_series_uid": head["pet_series_uid"], "fusion_series_uid": head["fusion_series_uid"],
         "mr": [str(p) for p in mr_paths], "pet": [str(p) for p in pet_paths],
         "fusion": [str(p) for p in fusion_paths],
@@ -264,12 +305,16 @@ def _write_spec_star(args) -> dict:
 
 def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: float = 0.5, min_matrix: int = 256,
              max_matrix: int = 512, min_slices: int = 12, max_slices: int = 20, preview: bool = False,
-             jobs: int = 1, on_case: Callable[[dict], None] | None = None) -> list[dict]:
+             jobs: int = 1, on_case: Callable[[dict], None] | None = None, pet_grid: str = "scanner") -> list[dict]:
     """Write `cases` studies and OUT_DIR/cases.json (plus OUT_DIR/preview.png with preview);
     `on_case(record)` is called as each study is written (for a progress bar)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if pet_grid not in PET_PLANES:
+        raise ValueError(f"pet_grid must be one of {PET_PLANES}")
     specs = plan_cases(cases, seed, lesion_fraction, min_matrix, max_matrix, min_slices, max_slices)
+    for s in specs:
+        s.pet_grid = pet_grid
     thumbs = set(range(min(len(specs), 8))) if preview else set()
     args = [(s, out, s.case_index in thumbs) for s in specs]
     records = []
@@ -284,7 +329,7 @@ def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: flo
             r[key] = [str(Path(p).relative_to(out)) for p in r[key]]
     plan = dict(min_matrix=min_matrix, max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices)
     (out / "cases.json").write_text(json.dumps({"seed": seed, "lesion_fraction": lesion_fraction, "plan": plan,
-                                                "cases": records}, indent=1))
+                                                "pet_grid": pet_grid, "cases": records}, indent=1))
     if preview and pics:
         contact_sheet(pics, out / "preview.png")
     log.info("wrote %d phantom cases (%d patients)", len(records), len({r["patient_id"] for r in records}))
@@ -313,7 +358,7 @@ def contact_sheet(pics: list[np.ndarray], path: Path, tile: int = 256, per_row: 
 def write_case(out_dir: str | Path, seed: int, *, vendor: str | None = None, rows: int | None = None,
                cols: int | None = None, slices: int | None = None, lesion: bool | None = None,
                patient_name: str | None = None, specific_character_set: str | None = None,
-               orientation: str = "sagittal", weighting: str = "T2FS") -> dict:
+               orientation: str = "sagittal", weighting: str = "T2FS", pet_grid: str = "scanner") -> dict:
     """One study with chosen properties, for tests of the node and engine.
 
     Writes out_dir/<case_id>/{MR,PET,FUSION}/NNN.dcm and returns the case record (absolute paths
@@ -338,7 +383,9 @@ def write_case(out_dir: str | Path, seed: int, *, vendor: str | None = None, row
         spec.charset = specific_character_set or (None if patient_name.isascii() else "ISO_IR 192")
     elif specific_character_set is not None:
         spec.charset = specific_character_set
-    spec.orientation, spec.weighting = orientation, weighting
+    if pet_grid not in PET_PLANES:
+        raise ValueError(f"pet_grid must be one of {PET_PLANES}")
+    spec.orientation, spec.weighting, spec.pet_grid = orientation, weighting, pet_grid
     record = write_spec(spec, Path(out_dir).resolve())
     record["spec"] = asdict(spec)
     return record

@@ -46,20 +46,3 @@ def mr_acquire(clean: np.ndarray, grid: SliceGrid, gain: float, noise: float,
     im = sd * rng.standard_normal(clean.shape, dtype=np.float32)
     mag = np.sqrt(re * re + im * im)
     return np.clip(np.rint(mag), 0, 4095).astype(np.uint16)
-
-
-def _seconds(hhmmss: str) -> float:
-    s = str(hhmmss).split(".")[0].ljust(6, "0")
-    return int(s[:2]) * 3600 + int(s[2:4]) * 60 + int(s[4:6])
-
-
-def suv_from_pet(ds) -> np.ndarray:
-    """Body-weight SUV of a PET image with Units BQML, DecayCorrection START (as the phantom
-    writes): SUV = Bq/ml * weight_g / (dose decayed from injection to the series start)."""
-    if ds.Units != "BQML":
-        raise ValueError(f"expected Units BQML, got {ds.Units}")
-    radio = ds.RadiopharmaceuticalInformationSequence[0]
-    elapsed = _seconds(ds.SeriesTime) - _seconds(radio.RadiopharmaceuticalStartTime)
-    dose = float(radio.RadionuclideTotalDose) * 2.0 ** (-elapsed / float(radio.RadionuclideHalfLife))
-    bqml = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    return (bqml * float(ds.PatientWeight) * 1000.0 / dose).astype(np.float32)

@@ -33,6 +33,7 @@ VENDORS: dict[str, dict[str, Any]] = {
         "SequenceName": "*tse2d1_17", "ImagingFrequency": 123.2, "thickness": (3.0, 4.0),
         "image_type": ["ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"],
         "pet_desc": "PET_AC_{p}", "fusion_desc": "Fused PET-MR {d}",
+        "pet": {"matrix": 172, "pixel": 2.0863, "thickness": 2.03},
     },
     "ge": {
         "Manufacturer": "GE MEDICAL SYSTEMS", "ManufacturerModelName": "SIGNA PET/MR", "SoftwareVersions": "MR29.1",
@@ -42,6 +43,7 @@ VENDORS: dict[str, dict[str, Any]] = {
         "SequenceName": "fse-xl", "ImagingFrequency": 127.8, "thickness": (4.0, 4.0),
         "image_type": ["ORIGINAL", "PRIMARY", "OTHER"],
         "pet_desc": "PET MRAC {P}", "fusion_desc": "PET/MR Fusion {P}",
+        "pet": {"matrix": 192, "pixel": 3.125, "thickness": 2.78},
     },
     "philips": {
         "Manufacturer": "Philips", "ManufacturerModelName": "Ingenuity TF PET/MR", "SoftwareVersions": "5.7.1",
@@ -51,6 +53,7 @@ VENDORS: dict[str, dict[str, Any]] = {
         "SequenceName": "TSE", "ImagingFrequency": 127.7, "thickness": (3.5, 3.5),
         "image_type": ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"],
         "pet_desc": "PET {P} MRAC", "fusion_desc": "Fusion {d}",
+        "pet": {"matrix": 144, "pixel": 4.0, "thickness": 4.0},
     },
 }
 
@@ -183,12 +186,28 @@ def write_mr(case: dict, grid, volume: np.ndarray, out: Path, window: tuple[floa
     return paths
 
 
-def write_pet(case: dict, grid, suv: np.ndarray, out: Path) -> tuple[list[Path], np.ndarray]:
-    """PET Image Storage on the MR grid, Units BQML, per-slice Rescale Slope.
+def quantise_pet(suv: np.ndarray, bqml_per_suv: float) -> tuple[np.ndarray, str]:
+    """One slice of SUV -> (int16 stored values in Bq/ml, Rescale Slope as written to the header)."""
+    bq = suv.astype(np.float64) * bqml_per_suv
+    slope = f"{max(float(bq.max()) / 32000.0, 1e-3):.8g}"
+    return np.rint(bq / float(slope)).astype(np.int16), slope
 
-    Returns the paths and the SUV volume exactly as stored (after quantisation)."""
+
+def stored_suv(suv: np.ndarray, bqml_per_suv: float) -> np.ndarray:
+    """The SUV volume exactly as `write_pet` would store it (after quantisation)."""
+    out = np.empty_like(suv)
+    for k in range(suv.shape[0]):
+        stored, slope = quantise_pet(suv[k], bqml_per_suv)
+        out[k] = stored.astype(np.float64) * float(slope) / bqml_per_suv
+    return out
+
+
+def write_pet(case: dict, grid, suv: np.ndarray, out: Path, *, on_mr_grid: bool = False) -> list[Path]:
+    """PET Image Storage, Units BQML, decay corrected to the series start, per-slice Rescale Slope.
+
+    A scanner's series (`grid` axial, its own matrix and spacing) is ORIGINAL; `on_mr_grid` marks
+    a series resampled onto the MR slices as DERIVED."""
     per_suv = case["bqml_per_suv"]
-    stored_suv = np.empty_like(suv)
     paths = []
     inj = case["injection_time"]
     radio = Dataset()
@@ -201,15 +220,16 @@ def write_pet(case: dict, grid, suv: np.ndarray, out: Path) -> tuple[list[Path],
     radio.RadionuclideCodeSequence = Sequence([_code(*_CODE_F18)])
     radio.RadiopharmaceuticalCodeSequence = Sequence([_code(*_CODE_FDG)])
     for k, pos in enumerate(grid.positions()):
-        bq = suv[k].astype(np.float64) * per_suv
-        slope = max(float(bq.max()) / 32000.0, 1e-3)
-        stored = np.rint(bq / slope).astype(np.int16)
+        stored, slope = quantise_pet(suv[k], per_suv)
         ds = _ds(PositronEmissionTomographyImageStorage, case["pet_sop_uids"][k], case)
         _series(ds, case, "PT", case["pet_series_uid"], case["pet_series_number"], case["pet_description"])
         del ds.PatientPosition  # PET carries the patient position in its code sequences instead
         _plane(ds, grid, pos, case["frame_uid"])
-        ds.ImageType = ["DERIVED", "PRIMARY"]
-        ds.DerivationDescription = "PET resampled to the MR slice grid"
+        if on_mr_grid:
+            ds.ImageType = ["DERIVED", "PRIMARY"]
+            ds.DerivationDescription = "PET resampled to the MR slice grid"
+        else:
+            ds.ImageType = ["ORIGINAL", "PRIMARY"]
         ds.InstanceNumber = k + 1
         ds.ContentDate, ds.ContentTime = case["study_date"], case["series_time"]
         ds.AcquisitionDate, ds.AcquisitionTime = case["study_date"], case["series_time"]
@@ -234,13 +254,12 @@ def write_pet(case: dict, grid, suv: np.ndarray, out: Path) -> tuple[list[Path],
         ds.DecayFactor = "1.0"
         ds.DoseCalibrationFactor = "1.0"
         ds.SliceSensitivityFactor = "1.0"
-        ds.RescaleIntercept, ds.RescaleSlope = "0", f"{slope:.8g}"
+        ds.RescaleIntercept, ds.RescaleSlope = "0", slope
         _pixels(ds, stored, 16, signed=True)
-        stored_suv[k] = stored.astype(np.float64) * float(ds.RescaleSlope) / per_suv
         path = out / f"{k + 1:03d}.dcm"
         _save(ds, path)
         paths.append(path)
-    return paths, stored_suv
+    return paths
 
 
 def write_fusion(case: dict, grid, rgb: np.ndarray, out: Path) -> list[Path]:
@@ -265,8 +284,10 @@ def write_fusion(case: dict, grid, rgb: np.ndarray, out: Path) -> list[Path]:
         mr_ref.ReferencedSOPClassUID, mr_ref.ReferencedSOPInstanceUID = MRImageStorage, case["mr_sop_uids"][k]
         ds.ReferencedImageSequence = Sequence([mr_ref])
         srcs = []
-        for cls, uid in ((MRImageStorage, case["mr_sop_uids"][k]),
-                         (PositronEmissionTomographyImageStorage, case["pet_sop_uids"][k])):
+        sources = [(MRImageStorage, case["mr_sop_uids"][k])]
+        if case["pet_on_mr_grid"]:  # a scanner's axial PET has no one slice this image came from
+            sources.append((PositronEmissionTomographyImageStorage, case["pet_sop_uids"][k]))
+        for cls, uid in sources:
             src = Dataset()
             src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID = cls, uid
             src.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM",
