@@ -15,7 +15,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("training.select", "choose a Pix2Pix snapshot on the validation split (PSNR, SSIM, hot uptake)"),
     "cddpm": ("training.cddpm", "train the cDDPM refiner and export the model directory"),
     "finish": ("training.finish", "choose the output's PET smoothing and black level on the validation split (card `output`)"),
+    "finetune": ("training.finetune", "fine-tune a model folder on a site's data set: generator, then cDDPM, then the card"),
     "evaluate": ("training.evaluate", "PSNR/SSIM/MAE/MSE, uptake tertiles, ablation, comparison figure"),
+    "compare": ("training.compare", "two or more models side by side, paired bootstrap 95 % intervals by patient"),
 }
 
 

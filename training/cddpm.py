@@ -14,12 +14,13 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from dicomnode.infer.diffusion import Diffusion
-from dicomnode.infer.model import save_model
-from dicomnode.infer.nets import build_denoiser, channels_last
+from dicomnode.infer.model import save_model, write_card
+from dicomnode.infer.nets import DiffusionUNet, build_denoiser, channels_last
 from training import plots
 from training.pix2pix import _preview_split, load_generator
 from training.select import phantom_lesion_masks
@@ -28,6 +29,7 @@ from training.trainutil import (
     CsvLog,
     autocast,
     batches,
+    init_from_model,
     lesion_weights,
     linear_decay,
     load_split,
@@ -102,7 +104,7 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
           name: str = "t2fs2petfusion", version: str | None = None, lesion_weight: float = 1.0,
           pix2pix_folds: list[str | Path] | None = None, uptake_weight: float = 1.0,
           lesion_mask_weight: float = 1.0, lesion_uptake_weight: float = 1.0,
-          phantom: str | Path | None = None) -> dict:
+          phantom: str | Path | None = None, init: str | Path | None = None) -> dict:
     """Train (or resume) the cDDPM and export OUT/model; returns a summary. `pix2pix_folds`:
     condition on out-of-fold generator outputs (`out_of_fold_outputs`) instead of `pix2pix`'s own;
     `pix2pix` is still the generator exported with the model. `uptake_weight`: the loss on hot
@@ -110,7 +112,10 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     towards hot. `lesion_mask_weight`: the loss inside the lesion masks of the `phantom` export the
     data set was built from weighted up; the mask is visible in the MR, so this spends more of the
     network on lesions without moving the estimate. `lesion_uptake_weight`: the uptake weighting
-    inside the lesion masks only, which moves the lesion's estimate towards hot and nothing else."""
+    inside the lesion masks only, which moves the lesion's estimate towards hot and nothing else.
+    `init`: start the denoiser (and its EMA) from a model folder's; its preset and diffusion
+    (schedule, prediction, timesteps) replace `preset`, `schedule`, `prediction`, `timesteps`, and
+    its card's sampler and output finish carry over to the new card."""
     if min(uptake_weight, lesion_mask_weight, lesion_uptake_weight) <= 0:
         raise ValueError(f"loss weights must be positive, got uptake {uptake_weight}, lesion mask "
                          f"{lesion_mask_weight}, lesion uptake {lesion_uptake_weight}")
@@ -131,8 +136,15 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     cond_p2p = (out_of_fold_outputs(pix2pix_folds, train_set, dev) if pix2pix_folds
                 else pix2pix_outputs(G, train_set.mr, dev))
     preview_p2p = pix2pix_outputs(G, preview.mr, dev)
+    start_card: dict | None = None
+    if init is not None:
+        start, preset, start_card = init_from_model(init, "cddpm")
+        d = start_card["architecture"]["cddpm"]["diffusion"]
+        schedule, timesteps, prediction = d["schedule"], int(d["timesteps"]), d["prediction"]
+        net = channels_last(cast(DiffusionUNet, start), dev)
+    else:
+        net = channels_last(build_denoiser(preset), dev)
     diffusion = Diffusion(schedule, timesteps, prediction)
-    net = channels_last(build_denoiser(preset), dev)
     ema = EMA(net, ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     decay = linear_decay(steps, decay_start)  # 1.0 (default): constant after the warm-up
@@ -204,7 +216,7 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
     manifest = train_set.manifest
     card = save_model(out / "model", G.cpu(), ema.model.cpu(), pix2pix_preset=p2p_preset, cddpm_preset=preset,
                       diffusion=diffusion, name=name, version=version,
-                      sampler={"sampler": "ddim", "steps": sample_steps, "strength": sample_strength, "samples": 1},
+                      sampler=_sampler(start_card, sample_steps, sample_strength),
                       training={
                           "data": {"format": manifest.get("format"), "source": manifest.get("source"),
                                    "seed": manifest.get("seed"), "counts": manifest.get("counts"),
@@ -219,10 +231,21 @@ def train(data: str | Path, pix2pix: str | Path, out: str | Path, *, preset: str
                                     "lesion_weight": lesion_weight, "uptake_weight": uptake_weight,
                                     "lesion_mask_weight": lesion_mask_weight,
                                     "lesion_uptake_weight": lesion_uptake_weight,
-                                    "final_loss_ema": loss_ema},
+                                    "final_loss_ema": loss_ema, "init": str(init) if init is not None else None},
+                          **({"starting_model": start_card.get("version")} if start_card else {}),
                           "device": str(dev)})
+    if start_card is not None and "output" in start_card:  # the finish chosen for the starting model
+        card["output"] = dict(start_card["output"], selected_on=f"carried over from {start_card.get('version')}")
+        write_card(out / "model", card)
     return {"steps": step, "train_pairs": len(train_set), "loss": loss_v, "loss_ema": loss_ema,
             "model_dir": str(out / "model"), "version": card["version"]}
+
+
+def _sampler(start_card: dict | None, steps: int, strength: float) -> dict:
+    """The card's sampler: the starting model's when fine-tuning, else the options'."""
+    if start_card is not None and "sampler" in start_card:
+        return {k: v for k, v in start_card["sampler"].items() if k != "selected_on"}
+    return {"sampler": "ddim", "steps": steps, "strength": strength, "samples": 1}
 
 
 @torch.no_grad()
@@ -275,6 +298,7 @@ def main(argv=None) -> int:
                     help="inside the phantom's lesion masks only, weight hot pixels 1 + (W-1) u^2 (needs --phantom)")
     ap.add_argument("--phantom", help="the `dicomnode phantom` export the data set was built from (lesion masks)")
     ap.add_argument("--version", help="model version string for the card")
+    ap.add_argument("--init", metavar="MODEL", help="start the denoiser from this model folder's (fine-tuning)")
     ap.add_argument("--pix2pix-folds", nargs="+", metavar="CKPT",
                     help="fold generators (pix2pix --holdout-fold 0..N-1): train on their out-of-fold outputs")
     a = ap.parse_args(argv)
@@ -285,6 +309,6 @@ def main(argv=None) -> int:
                 sample_steps=a.sample_steps, sample_strength=a.sample_strength, limit=a.limit, version=a.version,
                 lesion_weight=a.lesion_weight, pix2pix_folds=a.pix2pix_folds,
                 uptake_weight=a.uptake_weight, lesion_mask_weight=a.lesion_mask_weight,
-                lesion_uptake_weight=a.lesion_uptake_weight, phantom=a.phantom)
+                lesion_uptake_weight=a.lesion_uptake_weight, phantom=a.phantom, init=a.init)
     print(json.dumps(res))
     return 0

@@ -416,6 +416,7 @@ def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int 
         if "fusion_series_uid" in s:
             s["fusion_series_uid"] = pseudo.uid(s["fusion_series_uid"], "series")
     counts = {"pairs": n, "patients": len(split_of), "studies": len(kept)}
+    years = sorted({str(p.mr[0].header.get("StudyDate", ""))[:4] for p in kept if p.mr[0].header is not None} - {""})
     counts.update({sp: sum(1 for r in rows if r["split"] == sp) for sp in SPLITS})
     splits = {name: sorted(pseudo.patient(pid, issuer[pid]) for pid in pids) for name, pids in splits_clear.items()}
     manifest = {"format": FORMAT, "grid": size, "seed": seed, "source": source, "counts": counts,
@@ -423,6 +424,7 @@ def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int 
                 "deidentification": {"profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality "
                                                 "Profile: no names, IDs, accession numbers, dates or original UIDs",
                                      "pseudonyms": "HMAC-SHA256 with the site key", "key_map": "kept apart"},
+                "study_years": [int(y) for y in years if y.isdigit()],  # years only, as provenance
                 "created_year": datetime.now(timezone.utc).year}
     if source == "raw-pet":
         manifest["resampling"] = resampling_settings()

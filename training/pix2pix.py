@@ -22,6 +22,7 @@ from training.trainutil import (
     CsvLog,
     autocast,
     batches,
+    init_from_model,
     lesion_weights,
     linear_decay,
     load_split,
@@ -43,13 +44,15 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
           threads: int | None = None, log_every: int = 10, sample_every: int = 500, ckpt_every: int = 250,
           limit: int | None = None, quiet: bool = False, stop_after: int | None = None,
           lesion_weight: float = 1.0, uptake_weight: float = 1.0, recon: str = "l1", gan_weight: float = 1.0,
-          snapshot_every: int | None = None, folds: int = 2, holdout_fold: int | None = None) -> dict:
+          snapshot_every: int | None = None, folds: int = 2, holdout_fold: int | None = None,
+          init: str | Path | None = None) -> dict:
     """Train (or resume) a Pix2Pix generator; returns a summary with the final losses.
     `snapshot_every`: also keep OUT/snapshots/stepNNNNNN.pt every so many steps, to choose from
     with `python -m training select` (the lesion output swings between checkpoints).
     `folds`, `holdout_fold`: train without the patients of that fold (`patient_fold`), so its
     outputs on them are out-of-fold, as the shipped generator's are on a new patient
-    (`python -m training cddpm --pix2pix-folds`)."""
+    (`python -m training cddpm --pix2pix-folds`). `init`: start the generator from a model
+    folder's (its preset replaces `preset`); the discriminator starts fresh."""
     if threads:
         torch.set_num_threads(threads)
     if recon not in RECON_LOSSES:
@@ -70,7 +73,11 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
             raise ValueError(f"fold {holdout_fold} of {folds} holds every training patient")
         train_set = train_set.subset(keep)
     val_set = _preview_split(data)
-    G = channels_last(init_weights(build_generator(preset)), dev)
+    if init is not None:
+        start, preset, _ = init_from_model(init, "pix2pix")
+        G = channels_last(start, dev)
+    else:
+        G = channels_last(init_weights(build_generator(preset)), dev)
     D = channels_last(init_weights(build_discriminator(preset)), dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
@@ -139,7 +146,8 @@ def train(data: str | Path, out: str | Path, *, preset: str = "small", steps: in
                                        "lesion_weight": lesion_weight, "uptake_weight": uptake_weight,
                                        "recon": recon, "gan_weight": gan_weight,
                                        "folds": folds if holdout_fold is not None else 1,
-                                       "holdout_fold": holdout_fold})
+                                       "holdout_fold": holdout_fold, "lr": lr,
+                                       "init": str(init) if init is not None else None})
             if snapshot_now:
                 _snapshot(ckpt, step)
             if step % sample_every == 0 or step == steps:
@@ -248,12 +256,13 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=2, help="number of patient folds for --holdout-fold")
     ap.add_argument("--holdout-fold", type=int,
                     help="train without this fold's patients (a fold generator for cddpm --pix2pix-folds)")
+    ap.add_argument("--init", metavar="MODEL", help="start from this model folder's generator (fine-tuning)")
     a = ap.parse_args(argv)
     res = train(a.data, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                 lambda_l1=a.lambda_l1, decay_start=a.decay_start, seed=a.seed, device=a.device, amp=not a.no_amp,
                 resume=a.resume, stop_after=a.stop_after, threads=a.threads, sample_every=a.sample_every,
                 limit=a.limit, lesion_weight=a.lesion_weight,
                 uptake_weight=a.uptake_weight, recon=a.recon, gan_weight=a.gan_weight,
-                snapshot_every=a.snapshot_every, folds=a.folds, holdout_fold=a.holdout_fold)
+                snapshot_every=a.snapshot_every, folds=a.folds, holdout_fold=a.holdout_fold, init=a.init)
     print(json.dumps(res))
     return 0

@@ -225,3 +225,18 @@ class EMA(Generic[M]):
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
         self.updates, self.decay = state["updates"], state["decay"]
+
+
+def init_from_model(model_dir: str | Path, part: str) -> tuple[nn.Module, str, dict]:
+    """One network of a model folder ("pix2pix" or "cddpm"), float32 and trainable, its preset and
+    the folder's card: the starting point of a fine-tune (`--init`). The folder is verified as
+    `dicomnode serve` verifies it (checksums, architecture)."""
+    from dicomnode.infer.model import load_model
+
+    if part not in ("pix2pix", "cddpm"):
+        raise ValueError(f"part must be pix2pix or cddpm, got {part!r}")
+    model = load_model(model_dir, "cpu")
+    net = copy.deepcopy(model.generator if part == "pix2pix" else model.denoiser).float().train()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net, str(model.card["architecture"][part]["preset"]), model.card
