@@ -168,28 +168,31 @@ def markdown(s: dict) -> str:
     for m in s["models"]:
         rho = m["spearman_with_uptake"]
         lines.append(f"- {m['model']}: " + ", ".join(f"{k.upper()} {_num(rho[k], 'ssim')}" for k in METRICS))
-    lines += ["", "![differences with 95 % intervals](compare.png)"]
     if any("lesion_uptake_shown" in m for m in s["models"]):
         lines += ["", "Uptake shown inside the lesion masks: " + ", ".join(
             f"{m['model']} {m['lesion_uptake_shown']:.0%}" for m in s["models"] if m.get("lesion_uptake_shown") is not None)]
+    lines += ["", "![differences with 95 % intervals](compare.png)"]
     return "\n".join(lines) + "\n"
 
 
 def figure(s: dict, path: Path) -> Path:
-    """One panel per metric: each B − A difference with its 95 % interval around zero (PIL only)."""
+    """One panel per metric: each B − A difference with its 95 % interval, drawn around zero and
+    written out in numbers (PIL only)."""
     from PIL import Image, ImageDraw
 
-    width, row, pad = 640, 26, 120
+    width, row, left, right = 840, 26, 190, 250
     comps = s["comparisons"]
     height = 30 + len(METRICS) * (len(comps) * row + 30)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
+    span = width - left - right
     y = 10
     for k in METRICS:
-        spans = [abs(v) for c in comps for v in (*c["metrics"][k]["ci95"], c["metrics"][k]["difference"])]
-        scale = (width - pad - 20) / 2 / max(max(spans), 1e-12)
-        zero = pad + (width - pad - 20) / 2
-        draw.text((10, y), f"{k.upper()} {'(higher better)' if HIGHER_IS_BETTER[k] else '(lower better)'}", fill="black")
+        extent = max([abs(v) for c in comps for v in (*c["metrics"][k]["ci95"], c["metrics"][k]["difference"])]
+                     + [1e-12])
+        scale, zero = span / 2 / extent, left + span / 2
+        draw.text((10, y), f"{k.upper()} difference ({'higher' if HIGHER_IS_BETTER[k] else 'lower'} is better); "
+                           f"axis ±{_num(extent, k)}", fill="black")
         y += 16
         draw.line([(zero, y), (zero, y + len(comps) * row)], fill="grey")
         for c in comps:
@@ -197,9 +200,13 @@ def figure(s: dict, path: Path) -> Path:
             lo, hi = (zero + v * scale for v in r["ci95"])
             mid = zero + r["difference"] * scale
             colour = {"better": (0, 130, 0), "worse": (200, 0, 0)}.get(r["verdict"], (90, 90, 90))
-            draw.text((10, y + 6), c["b"][:18], fill="black")
+            name = c["b"] if len(c["b"]) <= 28 else "…" + c["b"][-27:]
+            draw.text((10, y + 6), name, fill="black")
             draw.line([(lo, y + 12), (hi, y + 12)], fill=colour, width=3)
             draw.ellipse([(mid - 4, y + 8), (mid + 4, y + 16)], fill=colour)
+            a, b = r["ci95"]
+            draw.text((width - right + 10, y + 6), f"{_num(r['difference'], k)} [{_num(a, k)}, {_num(b, k)}] {r['verdict']}",
+                      fill=colour)
             y += row
         y += 14
     img.save(path)
