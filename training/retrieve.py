@@ -122,7 +122,8 @@ class Session:
         self.find_model, self.get_model = StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
         self.out = out
         self.expect: set[str] = set()  # series UIDs a C-STORE may deliver now
-        self.stored: list[Path] = []
+        self.into = out  # where the current C-GET's instances go
+        self.stored: list[Path] = []  # what the current C-GET stored
         ae = AE(ae_title=peer.calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout
         ae.add_requested_context(self.find_model)
@@ -145,7 +146,7 @@ class Session:
             return 0xC210  # cannot understand: a UID that is no UID (and would make no safe path)
         if series not in self.expect:
             return 0xA900  # not what was asked for
-        folder = self.out / study / series
+        folder = self.into / study / series
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{sop}.part"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
@@ -164,9 +165,9 @@ class Session:
             elif code != 0x0000:
                 raise _dimse_error("C-FIND", code)
 
-    def get(self, query: Dataset, series_uid: str) -> tuple[int, int]:
-        """C-GET one series (or one image); (completed, failed) sub-operations."""
-        self.expect = {series_uid}
+    def get(self, query: Dataset, series_uid: str, into: Path) -> tuple[int, list[Path]]:
+        """C-GET one series (or one image) into `into`; (failed sub-operations, files stored)."""
+        self.expect, self.into, self.stored = {series_uid}, into, []
         final = None
         try:
             for status, _ in self.assoc.send_c_get(query, self.get_model):
@@ -177,7 +178,7 @@ class Session:
         if code not in (0x0000, 0xB000):
             raise _dimse_error("C-GET", code)
         assert final is not None
-        return int(final.get("NumberOfCompletedSubOperations", 0) or 0), int(final.get("NumberOfFailedSubOperations", 0) or 0)
+        return int(final.get("NumberOfFailedSubOperations", 0) or 0), list(self.stored)
 
     def release(self) -> None:
         if self.assoc.is_established:
@@ -216,16 +217,8 @@ def _probe_matches(session: Session, study_uid: str, series_uid: str) -> tuple[b
     sops = [str(i.SOPInstanceUID) for i in list(session.find(q)) if UID_RE.match(str(i.get("SOPInstanceUID", "")))]
     if not sops:
         return False, "no images"
-    probe_dir = session.out / ".probe"
     q.SOPInstanceUID = sops[0]
-    before = len(session.stored)
-    real_out, session.out = session.out, probe_dir
-    try:
-        session.get(q, series_uid)
-    finally:
-        session.out = real_out
-    got = session.stored[before:]
-    del session.stored[before:]
+    _, got = session.get(q, series_uid, session.out / ".probe")
     if not got:
         return False, "probe image not delivered"
     header = dcmread(got[0], stop_before_pixels=True)
@@ -269,9 +262,8 @@ def fetch_row(peer: Peer, out: Path, index: int, query: Dataset) -> RowResult:
                 expected = s.get("NumberOfSeriesRelatedInstances")
                 q = Dataset()
                 q.QueryRetrieveLevel, q.StudyInstanceUID, q.SeriesInstanceUID = "SERIES", study, uid
-                before = len(session.stored)
-                done, failed = session.get(q, uid)
-                got = len(session.stored) - before
+                failed, files = session.get(q, uid, out)
+                got = len(files)
                 result.instances += got
                 if failed or (expected not in (None, "") and got < int(expected)) or got == 0:
                     raise RowError(Outcome.INCOMPLETE, f"series {modality}: {got} of {expected or '?'} images arrived "
