@@ -131,12 +131,17 @@ class Session:
         for cx in STORAGE:
             ae.add_requested_context(cx)
         roles: list = [build_role(cx, scp_role=True) for cx in STORAGE]
+        started = time.monotonic()
         self.assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_aet, ext_neg=roles,
                                   evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         if not self.assoc.is_established:
             if self.assoc.is_rejected:
                 raise RowError(Outcome.REFUSED, "association rejected by the PACS")
-            raise RowError(Outcome.TIMED_OUT, "no association (no answer or aborted)")
+            if time.monotonic() - started < 0.9 * peer.timeout:
+                # an answer well before the timeout: a PACS that closes the connection with (or
+                # instead of) its rejection reads as an abort here
+                raise RowError(Outcome.REFUSED, "association refused or aborted by the PACS")
+            raise RowError(Outcome.TIMED_OUT, f"no answer to the association request within {peer.timeout:g} s")
 
     def _on_store(self, event) -> int:
         """Thin handler: check where the instance belongs, write its bytes, return."""
