@@ -440,7 +440,7 @@ def config_check(config: Path = CONFIG_OPT) -> None:
     node = cfg.node
     typer.echo(f"{cfg.source}: OK\n  listens as {node.ae_title} on {node.host}:{node.port}"
                f"{' (TLS)' if cfg.tls.enabled else ''}; storage {node.storage_dir}\n"
-               f"  destinations: {', '.join(f'{d.name} ({d.ae_title}@{d.host}:{d.port})' for d in cfg.destinations) or 'none'}\n"
+               f"  destinations: {', '.join(f'{d.name} ({d.address})' for d in cfg.destinations) or 'none'}\n"
                f"  metrics: {f'{cfg.metrics.host}:{cfg.metrics.port}' if cfg.metrics.enabled else 'off'}; model: {model}")
 
 

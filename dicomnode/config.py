@@ -148,27 +148,99 @@ class RulesConfig(Section):
         return self
 
 
+class DestinationAuth(enum.StrEnum):
+    """How a DICOMweb destination is authenticated: the secret is read from `credentials_file`."""
+
+    NONE = "none"
+    BASIC = "basic"  # the file holds user:password
+    BEARER = "bearer"  # the file holds the token
+
+
 class DestinationConfig(Section):
+    """Where results go: a DICOM AE (`ae_title`, `host`, `port`: C-STORE) or a DICOMweb service
+    (`url`: STOW-RS to URL/studies)."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-    ae_title: AETitle
-    host: Annotated[str, Field(min_length=1)]
+    ae_title: AETitle | None = None
+    host: Annotated[str, Field(min_length=1)] | None = None
     port: Port = 104
     tls: bool = False
+    url: str | None = None  # DICOMweb base URL, e.g. https://pacs.example/dicom-web
+    auth: Annotated[DestinationAuth, Field(strict=False)] = DestinationAuth.NONE
+    credentials_file: FilePath | None = None  # read at each attempt, so a rotated secret needs no restart
+    instances_per_request: Annotated[int, Field(ge=1, le=1000)] = 50  # STOW-RS: instances in one request
     ca_file: FilePath | None = None
     max_associations: Annotated[int, Field(ge=1, le=16)] = 2  # deliveries (one job each) in flight at once
     # Seconds, chosen so a dead or silent peer is noticed in seconds: the TCP connection, the
-    # A-ASSOCIATE-AC (or A-RELEASE-RP), each C-STORE response, and any PDU at all.
+    # A-ASSOCIATE-AC (or A-RELEASE-RP), each C-STORE response, and any PDU at all. DICOMweb uses
+    # connect_timeout for the connection and network_timeout for each read of the response.
     connect_timeout: Positive = 5.0
     acse_timeout: Positive = 10.0
     dimse_timeout: Positive = 30.0
     network_timeout: Positive = 60.0
 
-    @field_validator("ca_file")
+    @field_validator("ca_file", "credentials_file")
     @classmethod
     def _exists(cls, path: Path | None) -> Path | None:
         if path is not None and not path.is_file():
             raise ValueError(f"no such file: {path}")
         return path
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold credentials: put them in credentials_file")
+        if parts.query or parts.fragment:
+            raise ValueError(f"must be a base URL without query or fragment, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kind(self) -> "DestinationConfig":
+        if self.url is not None:
+            for key in ("ae_title", "host"):
+                if getattr(self, key) is not None:
+                    raise _KeyError(key, "not used with url (a DICOMweb destination): give one or the other")
+            if self.tls:
+                raise _KeyError("tls", "not used with url: an https:// URL is TLS")
+            if self.auth != DestinationAuth.NONE and self.credentials_file is None:
+                raise _KeyError("credentials_file", f"required with auth = {self.auth.value!r}")
+            return self
+        for key in ("ae_title", "host"):
+            if getattr(self, key) is None:
+                raise _KeyError(key, "missing")
+        if self.auth != DestinationAuth.NONE or self.credentials_file is not None:
+            raise _KeyError("auth" if self.auth != DestinationAuth.NONE else "credentials_file",
+                            "only for a DICOMweb destination (url)")
+        return self
+
+    @property
+    def dicomweb(self) -> bool:
+        return self.url is not None
+
+    @property
+    def address(self) -> str:
+        """Where it is, for logs and `config check` (no secret: a URL never holds one)."""
+        return self.url if self.url is not None else f"{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def hostname(self) -> str:
+        if self.url is not None:
+            from urllib.parse import urlsplit
+
+            return urlsplit(self.url).hostname or ""
+        return self.host or ""
 
 
 class DispatchConfig(Section):
@@ -282,9 +354,9 @@ class Config(Section):
         if problem:
             raise ConfigError(f"{self.source}: [node].storage_dir: {problem}")
         for i, dest in enumerate(self.destinations):
-            problem = host_problem(dest.host)
+            problem = host_problem(dest.hostname)
             if problem:
-                raise ConfigError(f"{self.source}: [[destinations]][{i}].host: {problem}")
+                raise ConfigError(f"{self.source}: [[destinations]][{i}].{'url' if dest.dicomweb else 'host'}: {problem}")
         if self.inference.backend == "ray":
             import importlib.util
 
@@ -293,7 +365,9 @@ class Config(Section):
                                   "pip install 'dicomnode[ray]'")
         if not self.destinations:
             return ["no [[destinations]] configured: synthetic series are made but sent nowhere"]
-        return []
+        return [f"[[destinations]][{i}].credentials_file: {d.credentials_file} can be read by other users "
+                f"(chmod 600 it)" for i, d in enumerate(self.destinations)
+                if d.credentials_file is not None and d.credentials_file.stat().st_mode & 0o077]
 
 
 class _KeyError(ValueError):
@@ -354,7 +428,7 @@ def _describe(error: dict) -> str:
         expected = {"int_type": "int", "bool_type": "bool", "string_type": "str", "float_type": "a number",
                     "list_type": "a list", "model_type": "a table", "dict_type": "a table"}.get(kind, kind[:-5])
         return f"{where}: expected {expected}, got {type(value).__name__} {value!r}"
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):
         return f"{where}: must be one of {ctx.get('expected')}, got {value!r}"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:

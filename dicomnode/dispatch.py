@@ -13,7 +13,8 @@ of n instances is followed by a retry of the other n - k. A failed attempt is re
 capped exponential backoff and jitter; once the next attempt would fall past
 `give_up_after_seconds` from the first, the delivery goes to the dead letter (re-driven by
 `dicomnode queue retry`; `dicomnode queue resend` sends every instance again). Dispatch knows
-nothing about images: it sends files, named by their SOP Instance UID (`engine.output_name`).
+nothing about images: it sends files, named by their SOP Instance UID (`engine.output_name`), by
+C-STORE (`scu`) or by STOW-RS (`stow`), as the destination says.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Callable
 from dicomnode.config import Config, DestinationConfig
 from dicomnode.journal import Delivery, DeliveryState, JobState, Journal
 from dicomnode.scu import AssociationFailed, Timeouts, client_tls_context, collect_files, store_files
+from dicomnode.stow import StowRefused, StowUnreachable, stow_files
 
 log = logging.getLogger("dicomnode.dispatch")
 
@@ -229,13 +231,19 @@ class Dispatcher:
                 self.journal.record_instance_delivered(job_id, dest.name, path.stem)
                 sent[1] += 1
 
-        tls = client_tls_context(dest.ca_file) if dest.tls else None
-        calling = self.cfg.dispatch.calling_ae_title or self.cfg.node.ae_title
         try:
-            report = store_files(todo, dest.host, dest.port, dest.ae_title, calling, timeout=timeouts(dest), tls=tls,
-                                 on_progress=progress)
-        except (AssociationFailed, OSError) as exc:
+            if dest.dicomweb:
+                report = stow_files(todo, dest, on_progress=progress)
+            else:
+                tls = client_tls_context(dest.ca_file) if dest.tls else None
+                calling = self.cfg.dispatch.calling_ae_title or self.cfg.node.ae_title
+                assert dest.ae_title is not None and dest.host is not None  # the config checks it
+                report = store_files(todo, dest.host, dest.port, dest.ae_title, calling, timeout=timeouts(dest),
+                                     tls=tls, on_progress=progress)
+        except (AssociationFailed, StowUnreachable, OSError) as exc:
             return f"{exc} ({sent[0] + sent[1]} of {len(files)} instances acknowledged)", False
+        except StowRefused as exc:
+            return f"{exc} ({sent[0] + sent[1]} of {len(files)} instances acknowledged)", True
         if not report.ok:
             path, why = report.failed[0]
             return f"{len(report.failed)} of {len(files)} instances not stored (first: {Path(path).name}: {why})", True

@@ -106,3 +106,47 @@ def test_every_problem_is_reported_not_only_the_first(tmp_path):
     assert len(lines) == 3 and all(line.startswith(str(p)) for line in lines), lines
     assert any("[node].port: expected int" in x for x in lines) and any("[node].ae_titel: unknown key" in x for x in lines)
     assert any("[series].quiet_seconds: must be > 0" in x for x in lines)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("url = 'https://pacs.example/dicom-web'\nauth = 'bearer'\n",
+     r"\[\[destinations\]\]\[0\]\.credentials_file: required with auth = 'bearer'"),
+    ("url = 'https://user:pw@pacs.example/dicom-web'\n",
+     r"\[\[destinations\]\]\[0\]\.url: must not hold credentials: put them in credentials_file"),
+    ("url = 'ftp://pacs.example/'\n", r"\[\[destinations\]\]\[0\]\.url: must be an http:// or https:// URL"),
+    ("url = 'https://pacs.example/dw'\nhost = 'pacs.example'\n",
+     r"\[\[destinations\]\]\[0\]\.host: not used with url \(a DICOMweb destination\)"),
+    ("url = 'https://pacs.example/dw'\ntls = true\n", r"\[\[destinations\]\]\[0\]\.tls: not used with url"),
+    ("url = 'https://pacs.example/dw'\nauth = 'token'\n",
+     r"\[\[destinations\]\]\[0\]\.auth: must be one of 'none', 'basic' or 'bearer', got 'token'"),
+    ("url = 'https://pacs.example/dw'\nauth = 'basic'\ncredentials_file = 'nowhere.secret'\n",
+     r"\[\[destinations\]\]\[0\]\.credentials_file: no such file: .*nowhere\.secret"),
+    ("ae_title = 'PACS'\nhost = '127.0.0.1'\nauth = 'basic'\n",
+     r"\[\[destinations\]\]\[0\]\.auth: only for a DICOMweb destination \(url\)"),
+])
+def test_dicomweb_destination_mistakes_say_which_key(tmp_path, body, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, "[[destinations]]\nname = 'web'\n" + body))
+
+
+def test_dicomweb_destination(tmp_path):
+    (tmp_path / "pacs.token").write_text("abc\n")
+    cfg = load_config(write(tmp_path, "[[destinations]]\nname = 'web'\nurl = 'https://pacs.example/dicom-web/'\n"
+                                      "auth = 'bearer'\ncredentials_file = 'pacs.token'\n"))
+    (dest,) = cfg.destinations
+    assert dest.dicomweb and dest.url == "https://pacs.example/dicom-web" and dest.hostname == "pacs.example"
+    assert dest.credentials_file == tmp_path / "pacs.token" and dest.instances_per_request == 50
+
+
+def test_config_check_warns_of_a_credentials_file_others_can_read(tmp_path):
+    token = tmp_path / "pacs.token"
+    token.write_text("abc\n")
+    token.chmod(0o644)
+    p = write(tmp_path, f"[node]\nstorage_dir = '{tmp_path / 'store'}'\n[[destinations]]\nname = 'web'\n"
+                        "url = 'http://127.0.0.1:8042/dicom-web'\nauth = 'bearer'\ncredentials_file = 'pacs.token'\n")
+    r = CliRunner().invoke(app, ["config", "check", "--config", str(p)])
+    assert r.exit_code == 0, r.output
+    assert "credentials_file" in r.output and "chmod 600" in r.output and "web (http://127.0.0.1:8042/dicom-web)" in r.output
+    token.chmod(0o600)
+    r = CliRunner().invoke(app, ["config", "check", "--config", str(p)])
+    assert r.exit_code == 0 and "chmod 600" not in r.output

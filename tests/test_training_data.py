@@ -83,6 +83,12 @@ def test_split_is_patient_level_and_reproducible(built, export):
     assert {k: sorted(_pseudo().patient(p, "PHANTOM") for p in v) for k, v in clear.items()} == m["splits"]
     many = split_patients([f"p{i}" for i in range(94)], 0)
     assert [len(many[s]) for s in ("train", "val", "test")] == [76, 9, 9]
+    wide = split_patients([f"p{i}" for i in range(94)], 0, val=0.15, test=0.2)  # a small site holds out more
+    assert [len(wide[s]) for s in ("train", "val", "test")] == [61, 14, 19]
+    assert set(wide["test"]) | set(wide["val"]) | set(wide["train"]) == {f"p{i}" for i in range(94)}
+    for bad in ((0.0, 0.1), (0.5, 0.5), (0.1, 1.2)):
+        with pytest.raises(ValueError, match="fractions"):
+            split_patients(pids, 0, *bad)
 
 
 def test_pairs_match_the_referenced_mr_slice(built, export):

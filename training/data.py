@@ -8,10 +8,11 @@ slice with a fusion image, from one of two sources:
 - `raw-pet`: the PT series itself, on the MR's Frame of Reference, converted to SUV and
   resampled onto each MR slice (`training.rawpet`), the MR series chosen by the node's rules.
 
-Broken or unconvertible studies are skipped with their reason (never guessed). The split is
-8:1:1 by patient. What is written holds no names, IDs, accession numbers, dates or original UIDs
-(`training.deid`): manifest.json, mr.npy (N,1,256,256 float16), fusion.npy (N,256,256,3 uint8),
-pairs.csv (docs/user-guide/research/paired-dataset.md); the key map goes to its own path.
+Broken or unconvertible studies are skipped with their reason (never guessed). The split is by
+patient, 8:1:1 unless the val and test fractions are given. What is written holds no names, IDs,
+accession numbers, dates or original UIDs (`training.deid`): manifest.json, mr.npy (N,1,256,256
+float16), fusion.npy (N,256,256,3 uint8), pairs.csv (docs/user-guide/research/paired-dataset.md);
+the key map goes to its own path.
 """
 
 from __future__ import annotations
@@ -293,14 +294,16 @@ def find_pet_pairs(insts: list[Inst]) -> tuple[list[PairedStudy], list[dict]]:
     return paired, skipped
 
 
-def split_patients(patients: Sequence[str], seed: int) -> dict[str, list[str]]:
-    """8:1:1 at patient level, reproducible from the seed (at least one val/test patient when
-    there are enough patients)."""
+def split_patients(patients: Sequence[str], seed: int, val: float = 0.1, test: float = 0.1) -> dict[str, list[str]]:
+    """Train, val and test at patient level (8:1:1 by default), reproducible from the seed (at
+    least one val/test patient when there are enough patients)."""
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise ValueError(f"val and test fractions must be in (0, 1) and sum to less than 1 (got {val}, {test})")
     pts = sorted(set(patients))
     order = [pts[i] for i in np.random.default_rng(seed).permutation(len(pts))]
     n = len(pts)
-    n_test = max(1, round(n / 10)) if n >= 2 else 0
-    n_val = max(1, round(n / 10)) if n >= 3 else 0
+    n_test = max(1, round(n * test)) if n >= 2 else 0
+    n_val = max(1, round(n * val)) if n >= 3 else 0
     return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
             "train": sorted(order[n_test + n_val:])}
 
@@ -337,7 +340,8 @@ def _fusion_grid(p: PairedStudy, k: int, raw_mr: np.ndarray, rendered: np.ndarra
 
 def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int = MODEL_GRID, *,
                   source: str = "fusion-sc", site_key: str | Path | None = None,
-                  key_map: str | Path | None = None) -> dict:
+                  key_map: str | Path | None = None, val_fraction: float = 0.1,
+                  test_fraction: float = 0.1) -> dict:
     """Scan `export`, pair, split, de-identify and write the data set to `out`; return the manifest.
 
     The key map (pseudonyms -> original IDs and UIDs) goes to `key_map`, by default
@@ -347,6 +351,7 @@ def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int 
     export, out = Path(export), Path(out)
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}")
+    split_patients([], seed, val_fraction, test_fraction)  # refuse bad fractions before the long scan
     map_path = Path(key_map) if key_map is not None else out.with_name(out.name + ".key-map.csv")
     if map_path.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"the key map {map_path} must not lie inside the data set {out}")
@@ -400,7 +405,7 @@ def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int 
     _shrink(out, "fusion", fu_arr, n)
     del mr_arr, fu_arr
     # The split is drawn on the original patients (as before de-identification), then pseudonymised.
-    splits_clear = split_patients([p.patient_id for p in kept], seed)
+    splits_clear = split_patients([p.patient_id for p in kept], seed, val_fraction, test_fraction)
     split_of = {pid: name for name, pids in splits_clear.items() for pid in pids}
     issuer = {p.patient_id: _issuer(p.mr[0]) for p in kept}
     for r in rows:
@@ -420,6 +425,7 @@ def build_dataset(export: str | Path, out: str | Path, seed: int = 0, size: int 
     counts.update({sp: sum(1 for r in rows if r["split"] == sp) for sp in SPLITS})
     splits = {name: sorted(pseudo.patient(pid, issuer[pid]) for pid in pids) for name, pids in splits_clear.items()}
     manifest = {"format": FORMAT, "grid": size, "seed": seed, "source": source, "counts": counts,
+                "split_fractions": {"val": val_fraction, "test": test_fraction},
                 "splits": splits, "skipped": skipped, "render": render_settings(),
                 "deidentification": {"profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality "
                                                 "Profile: no names, IDs, accession numbers, dates or original UIDs",
@@ -500,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", choices=SOURCES, default="fusion-sc",
                     help="fusions from rendered fusion SC series, or rendered here from the raw PT series")
     ap.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="share of the patients in the val split")
+    ap.add_argument("--test-fraction", type=float, default=0.1, help="share of the patients in the test split")
     ap.add_argument("--site-key", type=Path, default=None,
                     help="site secret for the pseudonyms (created if absent; default $DICOMNODE_SITE_KEY or "
                          "~/.config/dicomnode/site.key)")
@@ -507,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="where the pseudonym -> original map goes (default OUT.key-map.csv, mode 0600)")
     a = ap.parse_args(argv)
     try:
-        m = build_dataset(a.export, a.out, a.seed, source=a.source, site_key=a.site_key, key_map=a.key_map)
+        m = build_dataset(a.export, a.out, a.seed, source=a.source, site_key=a.site_key, key_map=a.key_map,
+                          val_fraction=a.val_fraction, test_fraction=a.test_fraction)
     except ValueError as exc:
         print(f"build-dataset: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ query it.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -29,10 +30,13 @@ def _orthanc_json(path: Path) -> dict:
 
 
 class OrthancServer:
-    """`extra` is one more configuration file (a dict), merged by Orthanc with the base one."""
+    """`extra` is one more configuration file (a dict), merged by Orthanc with the base one.
+    With `users` (name -> password), HTTP needs basic authentication; the helpers use the first."""
 
-    def __init__(self, root: Path, extra: dict | None = None, plugins: list[str] | None = None):
-        self.http_port, self.dicom_port = free_port(), free_port()
+    def __init__(self, root: Path, extra: dict | None = None, plugins: list[str] | None = None,
+                 users: dict[str, str] | None = None, http_port: int | None = None):
+        self.http_port, self.dicom_port = http_port or free_port(), free_port()
+        self.users = dict(users or {})
         cfg = root / "orthanc-config"
         cfg.mkdir()
         if extra:
@@ -40,7 +44,8 @@ class OrthancServer:
         (cfg / "test.json").write_text(json.dumps({
             "Name": "dicomnode-test", "StorageDirectory": str(root / "orthanc-db"),
             "IndexDirectory": str(root / "orthanc-db"), "Plugins": plugins or [],
-            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(self.users),
+            **({"RegisteredUsers": self.users} if self.users else {}),
             "DicomAet": "PACS", "DicomPort": self.dicom_port, "DicomCheckCalledAet": True,
             "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True,
         }))
@@ -59,13 +64,19 @@ class OrthancServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
 
+    def _auth(self) -> dict[str, str]:
+        if not self.users:
+            return {}
+        user, password = next(iter(self.users.items()))
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
     def get(self, path: str):
-        with urllib.request.urlopen(self.url(path), timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(self.url(path), headers=self._auth()), timeout=10) as r:
             return json.loads(r.read())
 
     def post_instance(self, data: bytes) -> dict:
         req = urllib.request.Request(self.url("/instances"), data=data, method="POST",
-                                     headers={"Content-Type": "application/dicom"})
+                                     headers={"Content-Type": "application/dicom", **self._auth()})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
