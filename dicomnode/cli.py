@@ -57,6 +57,22 @@ def phantom(
                f"in {time.perf_counter() - t0:.1f} s -> {out_dir}")
 
 
+# --- conformance -----------------------------------------------------------------------------
+@app.command()
+def conformance(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the Markdown here (default: print it)."),
+) -> None:
+    """Print the DICOM Conformance Statement, generated from the node's own tables and defaults."""
+    from dicomnode.conformance import statement
+
+    text = statement()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"conformance statement -> {out}")
+
+
 # --- infer / demo ----------------------------------------------------------------------------
 @app.command()
 def infer(

@@ -17,7 +17,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from dicomnode import logs
+from dicomnode import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, logs
 from dicomnode.config import Config
 from dicomnode.journal import Instance, Journal
 from dicomnode.listener import MAX_UNREQUESTED, GuardedAssociationServer, start_server
@@ -68,6 +68,28 @@ def preferred_transfer_syntaxes() -> list[str]:
     return sorted(ALL_TRANSFER_SYNTAXES, key=rank)
 
 
+def scp_contexts() -> list[tuple[str, list[str]]]:
+    """The SCP's presentation contexts: (abstract syntax, transfer syntaxes in preference order).
+    The Conformance Statement (dicomnode.conformance) is generated from this table."""
+    syntaxes = preferred_transfer_syntaxes()
+    return [(str(Verification), syntaxes)] + [(str(cx.abstract_syntax), syntaxes)
+                                              for cx in AllStoragePresentationContexts if cx.abstract_syntax]
+
+
+# What each C-STORE status the SCP answers means (the Conformance Statement lists this table).
+STORE_STATUSES = {
+    STATUS_SUCCESS: "Success: written to disk (fsync) and committed to the journal",
+    STATUS_OUT_OF_RESOURCES: "Refused, out of resources: free disk below `min_free_disk_mb`, or the file could "
+                             "not be written",
+    STATUS_DATASET_MISMATCH: "Error, data set does not match SOP class: the data set's SOP Class UID differs from "
+                             "the request's",
+    STATUS_CANNOT_UNDERSTAND: "Error, cannot understand: invalid or unsafe UIDs, a data set that does not parse to "
+                              "its end, an image description that does not add up",
+    STATUS_PROCESSING_FAILURE: "Error, processing failure: the journal could not record the instance",
+}
+LIMIT_REJECT = (0x02, 0x03, 0x02)  # A-ASSOCIATE-RJ result, source, reason: transient, presentation, local limit
+
+
 def _int_or_none(value: object) -> int | None:
     try:
         return int(value) if isinstance(value, (int, float, str, bytes)) and value != "" else None
@@ -112,11 +134,10 @@ class StoreSCP:
         ae.maximum_pdu_size = node.max_pdu
         ae.require_called_aet = node.require_called_aet
         ae.require_calling_aet = list(node.allowed_calling_aets)
-        syntaxes = preferred_transfer_syntaxes()
-        ae.add_supported_context(Verification, syntaxes)
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        for sop_class, syntaxes in scp_contexts():
+            ae.add_supported_context(sop_class, syntaxes)
         return ae
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -169,7 +190,7 @@ class StoreSCP:
         if self._server is not None and self._server.requested() > self.cfg.node.max_associations:
             log.warning("rejecting association from %s: %d associations already", event.assoc.requestor.address,
                         self.cfg.node.max_associations)
-            event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation: local limit exceeded
+            event.assoc.acse.send_reject(*LIMIT_REJECT)
             event.assoc.kill()
             return
 

@@ -13,6 +13,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicomnode import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomnode.netinternals import keep_responses_for_sender
 
 log = logging.getLogger("dicomnode.scu")
@@ -67,6 +68,8 @@ class Timeouts:
 def _ae(calling_aet: str, timeout: "float | Timeouts") -> AE:
     t = Timeouts.of(timeout)
     ae = AE(ae_title=calling_aet)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.connection_timeout, ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = t.connect, t.acse, t.dimse, t.network
     return ae
 
