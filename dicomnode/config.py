@@ -108,6 +108,27 @@ class TLSConfig(Section):
         return self
 
 
+class DicomwebConfig(Section):
+    """The STOW-RS service: DICOMweb Store on its own port, beside the C-STORE SCP."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 11180
+    path: Annotated[str, Field(pattern=r"^(/[A-Za-z0-9._~-]+)*$")] = "/dicom-web"  # STOW-RS at PATH/studies
+    tokens_file: FilePath | None = None  # bearer tokens, one a line ("NAME TOKEN" or "TOKEN"); read at each request
+    tls: bool = False  # HTTPS with [tls] cert_file and key_file; with [tls] ca_file, a client certificate is required
+    max_request_mb: Annotated[int, Field(ge=1, le=4096)] = 512  # a larger request is refused (413), unread
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=64)] = 4  # more at once are answered 503
+    request_timeout: Positive = 60.0  # seconds a request's body may stall
+
+    @field_validator("tokens_file")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
+
+
 class SeriesConfig(Section):
     quiet_seconds: Positive = 10.0  # complete after this long without a new instance
     # a series that declares its size completes this long after its last instance
@@ -322,6 +343,7 @@ class LoggingConfig(Section):
 class Config(Section):
     node: NodeConfig = NodeConfig()
     tls: TLSConfig = TLSConfig()
+    dicomweb: DicomwebConfig = DicomwebConfig()
     series: SeriesConfig = SeriesConfig()
     rules: RulesConfig = RulesConfig()
     destinations: list[DestinationConfig] = []
@@ -342,6 +364,16 @@ class Config(Section):
                 raise ValueError(f"[{i}].name: duplicate name {d.name!r}")
             seen.add(d.name)
         return destinations
+
+    @model_validator(mode="after")
+    def _dicomweb(self) -> "Config":
+        web, tls = self.dicomweb, self.tls
+        if web.tls and (tls.cert_file is None or tls.key_file is None):
+            raise _SectionKeyError("dicomweb", "tls", "needs [tls] cert_file and key_file")
+        if web.enabled and web.tokens_file is None and not (web.tls and tls.ca_file is not None):
+            raise _SectionKeyError("dicomweb", "tokens_file", "required: the STOW-RS service needs bearer tokens, "
+                                   "or tls = true with a [tls] ca_file for client certificates")
+        return self
 
     @property
     def journal_path(self) -> Path:
@@ -375,6 +407,13 @@ class _KeyError(ValueError):
 
     def __init__(self, key: str, reason: str):
         super().__init__(f"{key}: {reason}")
+
+
+class _SectionKeyError(ValueError):
+    """Raised by a check across sections to blame one key of one section."""
+
+    def __init__(self, section: str, key: str, reason: str):
+        super().__init__(f"[{section}].{key}: {reason}")
 
 
 def load_config(path: str | Path) -> Config:

@@ -25,9 +25,10 @@ from dicomnode.encode import (
     UNCERTAINTY_SERIES_OFFSET,
 )
 from dicomnode.listener import LISTEN_BACKLOG, MAX_UNREQUESTED
-from dicomnode.receive import LIMIT_REJECT, STORE_STATUSES, scp_contexts
+from dicomnode.receive import LIMIT_REJECT, STATUS_PROCESSING_FAILURE, STORE_STATUSES, scp_contexts
 from dicomnode.scu import MAX_CONTEXTS, WARNING_STATUSES
 from dicomnode.stow import UNAVAILABLE
+from dicomnode.webreceive import FAILURE_PROCESSING, FAILURE_SOP_CLASS, FAILURE_TRANSFER_SYNTAX
 from dicomnode.wire import BITS_ALLOCATED, MAX_INFLATED
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -84,6 +85,11 @@ def statement() -> str:
     statuses = [[f"0x{code:04X}", text] for code, text in STORE_STATUSES.items()]
     warnings = ", ".join(f"0x{c:04X}" for c in sorted(WARNING_STATUSES))
     unavailable = ", ".join(str(c) for c in sorted(UNAVAILABLE))
+    web = cfg.dicomweb
+    stow_failures = [[f"0x{FAILURE_SOP_CLASS:04X}", "SOP class not accepted"],
+                     [f"0x{FAILURE_TRANSFER_SYNTAX:04X}", "transfer syntax not accepted"],
+                     *[[f"0x{FAILURE_PROCESSING if c == STATUS_PROCESSING_FAILURE else c:04X}", t]
+                       for c, t in STORE_STATUSES.items() if c != 0]]
     iod_rows = [
         ["Series Instance UID, SOP Instance UID", "derived (`generate_uid`, pydicom's root) from the source UIDs, the "
          "model name and version, and a digest of the sampler settings: a re-send gives identical UIDs"],
@@ -124,7 +130,8 @@ images are not for diagnosis.
         [f"Storage SOP classes ({len(storage)}, [3.2.1](#321-sop-classes))", "Secondary Capture Image Storage "
          "(results); any (`dicomnode send`)", "yes"],
         ["Verification", "yes (`dicomnode echo`, `dicomnode status`)", "yes"],
-        ["DICOMweb Store transaction (STOW-RS)", "yes (results to a DICOMweb destination)", "no"],
+        ["DICOMweb Store transaction (STOW-RS)", "yes (results to a DICOMweb destination)",
+         "yes, with `[dicomweb] enabled = true`"],
     ])}
 
 No media interchange.
@@ -149,7 +156,8 @@ networking. A remote AE (PACS, scanner, router) sends a series with C-STORE; eac
 written to disk and committed to the node's journal before the success status. When a series is
 complete (declared size reached, or no new instance for `[series] quiet_seconds`) and the
 selection rules accept it, the node synthesises the fusion images, encodes them, and sends them to
-every destination: with C-STORE to a DICOM AE, or with STOW-RS to a DICOMweb service.
+every destination: with C-STORE to a DICOM AE, or with STOW-RS to a DICOMweb service. With
+`[dicomweb]` enabled, a DICOMweb client may store instances with STOW-RS instead of C-STORE.
 
 #### 3.1.2 Functional definition of the AE
 
@@ -158,6 +166,8 @@ every destination: with C-STORE to a DICOM AE, or with STOW-RS to a DICOMweb ser
 - **Storage SCU**: delivers results to each `[[destinations]]` entry, retrying with backoff until
   delivered or dead-lettered; `dicomnode send` sends files; `dicomnode echo` sends C-ECHO.
 - **DICOMweb user agent**: the same delivery to destinations with a `url`, with STOW-RS.
+- **STOW-RS origin server** (optional): receives instances over DICOMweb into the same spool and
+  journal as the Storage SCP.
 
 #### 3.1.3 Sequencing of real-world activities
 
@@ -261,8 +271,34 @@ server certificates verified against `ca_file` or the system's CAs. Connect time
 proxy is taken from the environment. The response's Referenced SOP Sequence (a Warning Reason
 counts as stored) is recorded as delivered; instances in its Failed SOP Sequence or missing from it
 are retried. HTTP {unavailable} and requests without an answer hold the destination with backoff;
-any other error status fails the attempt. dicomnode provides no DICOMweb service (no STOW-RS,
-QIDO-RS or WADO-RS origin server).
+any other error status fails the attempt.
+
+**STOW-RS origin server.** With `[dicomweb] enabled = true`, on its own port (`[dicomweb] host`,
+`port`, default `{web.host}`:{web.port}): `POST {web.path}/studies` and
+`POST {web.path}/studies/{{StudyInstanceUID}}`, request body `multipart/related;
+type="application/dicom"`, one Part 10 instance per part. No QIDO-RS, WADO-RS or other DICOMweb
+service.
+
+- Authentication before the body is read: a bearer token from `tokens_file` (read at every
+  request), or, with `[dicomweb] tls = true` and a `[tls] ca_file`, a client certificate. HTTP 401
+  otherwise.
+- Limits: at most `max_concurrent_requests` ({web.max_concurrent_requests}) requests at once (HTTP
+  503 with Retry-After); a request over `max_request_mb` ({web.max_request_mb} MB) is refused (413),
+  unread when its Content-Length says so, cut at the limit when it is streamed; a body that stalls
+  `request_timeout` ({web.request_timeout:g} s) gets 408. Multipart boundaries of up to 200
+  characters are accepted (RFC 2046 allows 70; Orthanc's DICOMweb client sends 73).
+- The whole body is parsed before anything is stored: a body that is not multipart/related, or a
+  part that is not application/dicom (415), or a body that ends before its closing boundary (400)
+  stores nothing.
+- Each instance is checked and stored exactly as a C-STORE instance ([3.2.3](#323-association-acceptance-policy));
+  its SOP class and transfer syntax must be ones the C-STORE SCP accepts.
+- Response (application/dicom+json), sent after every stored instance is on disk and in the
+  journal: a Referenced SOP Sequence item per stored instance, a Failed SOP Sequence item per
+  refused one; HTTP 200 when all were stored, 202 when some were, 409 when none.
+
+{_table(["Failure Reason", "meaning"], stow_failures)}
+
+0xA900 is also the reason given for an instance that is not of the study the URL names.
 
 ### 3.4 Network interfaces
 

@@ -46,9 +46,12 @@ class Metrics:
     def __init__(self, journal: "Journal | None" = None, spool: "Spool | None" = None):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.instances = Counter("dicomnode_instances_received", "C-STORE requests by result", ["result"], registry=r)
+        self.instances = Counter("dicomnode_instances_received", "Instances received (C-STORE and STOW-RS) by result",
+                                 ["result"], registry=r)
         self.store_seconds = Histogram("dicomnode_store_seconds", "Time to store one instance durably",
                                        registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.dicomweb_requests = Counter("dicomnode_dicomweb_requests", "STOW-RS requests by HTTP status", ["code"],
+                                         registry=r)
         self.associations_rejected = Counter("dicomnode_associations_rejected", "Associations rejected", registry=r)
         self.series_completed = Counter("dicomnode_series_completed", "Series completed, by how", ["how"], registry=r)
         self.series_selected = Counter("dicomnode_series_selected", "Series selection outcome", ["matched"], registry=r)

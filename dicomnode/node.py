@@ -33,6 +33,7 @@ from dicomnode.receive import StoreSCP
 from dicomnode.retention import start_scheduler
 from dicomnode.selection import Selector
 from dicomnode.spool import Spool
+from dicomnode.webreceive import StowService
 
 log = logging.getLogger("dicomnode.node")
 
@@ -89,6 +90,7 @@ class Node:
         self.journal = Journal(cfg.journal_path, audit_file=cfg.logging.audit_file)
         self.metrics = Metrics(self.journal, self.spool)
         self.scp = StoreSCP(cfg, self.spool, self.journal, self.metrics)
+        self.stow = StowService(cfg, self.scp, self.metrics) if cfg.dicomweb.enabled else None
         self.assembler = Assembler(cfg.series, self.journal, self.metrics)
         self.selector = Selector(cfg.rules, self.journal, self.metrics)
         self.heartbeats = Heartbeats()
@@ -227,6 +229,12 @@ class Node:
                 self.scp.start()
             except OSError as exc:
                 raise _bind_error("DICOM", "[node].port", node.host, node.port, exc) from None
+            if self.stow is not None:
+                web = self.cfg.dicomweb
+                try:
+                    self.stow.start()
+                except OSError as exc:
+                    raise _bind_error("STOW-RS", "[dicomweb].port", web.host, web.port, exc) from None
         except StartError:
             self.stop()
             raise
@@ -256,6 +264,9 @@ class Node:
         listening = self.scp._server is not None
         checks.append(Check("scp", listening, f"{self.cfg.node.ae_title} on port {self.scp.port}" if listening
                             else "not listening"))
+        if self.stow is not None:
+            checks.append(Check("stow", self.stow.listening, f"STOW-RS on port {self.stow.port}" if self.stow.listening
+                                else "not listening"))
         return Report(checks)
 
     def status_line(self) -> str:
@@ -269,6 +280,8 @@ class Node:
     def stop(self) -> None:
         self.notifier.stop()  # STOPPING=1 first, as sd_notify(3) asks
         self.metrics.up.set(0)
+        if self.stow is not None:
+            self.stow.stop()
         self.scp.stop()
         self._stop.set()
         for loop in self._loops:

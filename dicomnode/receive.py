@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import ssl
 import time
+from typing import Any, Callable
 
 import pydicom.config
 from pydicom.uid import UID
@@ -18,7 +19,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from dicomnode import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, logs
-from dicomnode.config import Config
+from dicomnode.config import Config, TLSConfig
 from dicomnode.journal import Instance, Journal
 from dicomnode.listener import MAX_UNREQUESTED, GuardedAssociationServer, start_server
 from dicomnode.spool import InvalidUID, Spool, check_uid, part10_header, write_atomic
@@ -66,6 +67,18 @@ def preferred_transfer_syntaxes() -> list[str]:
         return 0 if lossless else 4
 
     return sorted(ALL_TRANSFER_SYNTAXES, key=rank)
+
+
+def server_tls_context(tls: TLSConfig) -> ssl.SSLContext:
+    """TLS 1.2 or later with the node's certificate; with `ca_file`, clients must present a
+    certificate signed by it. The C-STORE SCP and the STOW-RS service share it."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    if tls.ca_file:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def scp_contexts() -> list[tuple[str, list[str]]]:
@@ -170,16 +183,7 @@ class StoreSCP:
             self._server = None
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        tls = self.cfg.tls
-        if not tls.enabled:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
-        if tls.ca_file:
-            ctx.load_verify_locations(cafile=str(tls.ca_file))
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+        return server_tls_context(self.cfg.tls) if self.cfg.tls.enabled else None
 
     # -- handlers ---------------------------------------------------------------------------
     def _on_requested(self, event) -> None:
@@ -224,10 +228,26 @@ class StoreSCP:
             sop_uid = check_uid(req.AffectedSOPInstanceUID, "Affected SOP Instance UID")
             sop_class = check_uid(req.AffectedSOPClassUID, "Affected SOP Class UID")
             encoded = event.encoded_dataset(include_meta=False)
-            ts = UID(event.context.transfer_syntax)
+        except InvalidUID as exc:
+            log.warning("C-STORE from %r refused (0x%04X): %s", calling, STATUS_CANNOT_UNDERSTAND, printable(exc))
+            return STATUS_CANNOT_UNDERSTAND
+        except Exception as exc:  # keep serving whatever the request held
+            log.warning("C-STORE from %r refused (0x%04X): cannot read request: %s", calling,
+                        STATUS_CANNOT_UNDERSTAND, printable(exc))
+            return STATUS_CANNOT_UNDERSTAND
+        return self.store_instance(sop_class, sop_uid, UID(event.context.transfer_syntax), encoded,
+                                   lambda: event.dataset, calling, "C-STORE")
+
+    def store_instance(self, sop_class: str, sop_uid: str, ts: UID, encoded: bytes, dataset: Callable[[], Any],
+                       calling: str, via: str, study: str | None = None) -> int:
+        """Check one received data set (`encoded`, without file meta, in transfer syntax `ts`;
+        `dataset()` decodes it) and store it durably: the DIMSE status to answer. The C-STORE SCP
+        and the STOW-RS service (dicomnode.webreceive) both store through here; `study`, when
+        given, is the Study Instance UID the instance must have."""
+        try:
             check_encoded(encoded, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian,
                           deflated=ts.is_deflated)
-            ds = event.dataset
+            ds = dataset()
             check_image(ds, encapsulated=ts.is_encapsulated)
             for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
                 if keyword in ds and ds[keyword].VR != "UI":
@@ -235,27 +255,31 @@ class StoreSCP:
             study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
             series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
             if check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID in the data set") != sop_uid:
-                raise InvalidUID("SOP Instance UID in the data set differs from the C-STORE request")
+                raise InvalidUID(f"SOP Instance UID in the data set differs from the {via} request's")
+            if study is not None and study_uid != study:
+                log.warning("%s from %r refused (0x%04X): the instance is not of the study the request names",
+                            via, calling, STATUS_DATASET_MISMATCH)
+                return STATUS_DATASET_MISMATCH
             if str(ds.get("SOPClassUID", "")) != sop_class:
-                log.warning("C-STORE from %r refused (0x%04X): the data set's SOP Class UID %s is not the "
-                            "request's %s", calling, STATUS_DATASET_MISMATCH, printable(ds.get("SOPClassUID", "")),
-                            sop_class)
+                log.warning("%s from %r refused (0x%04X): the data set's SOP Class UID %s is not the "
+                            "request's %s", via, calling, STATUS_DATASET_MISMATCH,
+                            printable(ds.get("SOPClassUID", "")), sop_class)
                 return STATUS_DATASET_MISMATCH
             transfer_syntax = str(ts)
             images_in_acquisition = _int_or_none(ds.get("ImagesInAcquisition"))
             number_of_frames = _int_or_none(ds.get("NumberOfFrames"))
             position = _position_key(ds)
         except (InvalidUID, MalformedDataSet) as exc:
-            log.warning("C-STORE from %r refused (0x%04X): %s", calling, STATUS_CANNOT_UNDERSTAND, printable(exc))
+            log.warning("%s from %r refused (0x%04X): %s", via, calling, STATUS_CANNOT_UNDERSTAND, printable(exc))
             return STATUS_CANNOT_UNDERSTAND
         except Exception as exc:  # an undecodable header: tell the sender, keep serving
-            log.warning("C-STORE from %r refused (0x%04X): cannot read data set: %s", calling,
+            log.warning("%s from %r refused (0x%04X): cannot read data set: %s", via, calling,
                         STATUS_CANNOT_UNDERSTAND, printable(exc))
             return STATUS_CANNOT_UNDERSTAND
 
         free = self.spool.free_mb()
         if free < self.cfg.node.min_free_disk_mb:
-            log.error("C-STORE refused (0xA700): %.0f MB free is under the %d MB watermark", free,
+            log.error("%s refused (0xA700): %.0f MB free is under the %d MB watermark", via, free,
                       self.cfg.node.min_free_disk_mb)
             return STATUS_OUT_OF_RESOURCES
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
@@ -264,7 +288,7 @@ class StoreSCP:
             try:
                 size = write_atomic(path, [part10_header(sop_class, sop_uid, transfer_syntax), encoded], uncache=True)
             except OSError as exc:
-                log.error("C-STORE refused (0xA700): cannot write instance to the spool: %s", exc)
+                log.error("%s refused (0xA700): cannot write instance to the spool: %s", via, exc)
                 return STATUS_OUT_OF_RESOURCES
             try:
                 self.journal.record_instance(
@@ -276,7 +300,7 @@ class StoreSCP:
                     late_policy=self.cfg.series.late_instance_policy,
                 )
             except Exception as exc:
-                log.error("C-STORE refused (0x%04X): journal write failed: %s", STATUS_PROCESSING_FAILURE, exc)
+                log.error("%s refused (0x%04X): journal write failed: %s", via, STATUS_PROCESSING_FAILURE, exc)
                 return STATUS_PROCESSING_FAILURE
         return STATUS_SUCCESS
 

@@ -25,6 +25,35 @@ class MalformedDataSet(ValueError):
     """The encoded data set does not parse to its end; the message says where."""
 
 
+def split_part10(data: bytes) -> tuple[dict[int, str], int]:
+    """The File Meta Information of a Part 10 file in `data` (PS3.10 7.1: 128-byte preamble,
+    'DICM', group 0002 in Explicit VR Little Endian): (element -> value as text, offset of the
+    data set). Raises MalformedDataSet when it is not a Part 10 file or its meta group is broken."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise MalformedDataSet("not a DICOM Part 10 file (no 'DICM' after the 128-byte preamble)")
+    meta: dict[int, str] = {}
+    pos = 132
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4:pos + 6]
+        if vr in LONG_VRS:
+            if pos + 12 > len(data):
+                raise MalformedDataSet(f"file meta element (0002,{element:04X}) truncated at byte {pos}")
+            length, start = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+        if length == UNDEFINED or start + length > len(data):
+            raise MalformedDataSet(f"file meta element (0002,{element:04X}) runs past the end of the data")
+        if vr == b"UI":
+            meta[element] = data[start:start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    if 0x0010 not in meta:
+        raise MalformedDataSet("file meta has no Transfer Syntax UID (0002,0010)")
+    return meta, pos
+
+
 def check_encoded(data: bytes, *, implicit_vr: bool, little_endian: bool, deflated: bool = False) -> None:
     """Raise MalformedDataSet unless `data` is one complete, well-formed data set."""
     if deflated:

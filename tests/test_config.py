@@ -150,3 +150,15 @@ def test_config_check_warns_of_a_credentials_file_others_can_read(tmp_path):
     token.chmod(0o600)
     r = CliRunner().invoke(app, ["config", "check", "--config", str(p)])
     assert r.exit_code == 0 and "chmod 600" not in r.output
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[dicomweb]\nenabled = true\n", r"\[dicomweb\]\.tokens_file: required: the STOW-RS service needs bearer tokens"),
+    ("[dicomweb]\ntls = true\n", r"\[dicomweb\]\.tls: needs \[tls\] cert_file and key_file"),
+    ("[dicomweb]\npath = 'dicom-web'\n", r"\[dicomweb\]\.path: 'dicom-web' does not match"),
+    ("[dicomweb]\nmax_request_mb = 0\n", r"\[dicomweb\]\.max_request_mb: must be >= 1"),
+    ("[dicomweb]\ntokens_file = 'none.tokens'\n", r"\[dicomweb\]\.tokens_file: no such file"),
+])
+def test_stow_rs_service_mistakes_say_which_key(tmp_path, body, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, body))
