@@ -7,13 +7,17 @@ instances, basic authentication) and once with `dicomnode.scu.store_files` (one 
 one C-STORE per image), in alternating order, and, as the reference peer for C-STORE, with
 DCMTK's storescu (one association, the same files); the medians and ratios are printed.
 
-    python bench/bench_stow.py --repeat 15 [--per-request 50] [--json out.json]
+Orthanc runs as Debian ships it; `--nodelay` starts it (and storescu) with TCP_NODELAY=1, which
+turns off Nagle's algorithm in DCMTK, the library Orthanc's DICOM side is built on.
+
+    python bench/bench_stow.py --repeat 15 [--per-request 50] [--nodelay] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -67,8 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=15)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--per-request", type=int, default=50)
+    ap.add_argument("--nodelay", action="store_true", help="TCP_NODELAY=1 for Orthanc and storescu")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    if a.nodelay:
+        os.environ["TCP_NODELAY"] = "1"  # inherited by Orthanc and storescu
     root = Path(tempfile.mkdtemp(prefix="bench-stow-"))
     secret = root / "secret"
     secret.write_text("bench:bench-pw\n")
@@ -104,6 +111,7 @@ def main(argv=None) -> int:
     assert stored == 3 * a.images * (a.repeat + 1), stored
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"images": a.images, "size": a.size, "per_request": a.per_request, "repeat": a.repeat,
+              "tcp_nodelay": a.nodelay,
               "median_seconds": med, "stow_over_cstore": med["stow"] / med["cstore"],
               "stow_over_storescu": med["stow"] / med["storescu"],
               "runs": times}

@@ -35,6 +35,9 @@ def phantom(
     pet_grid: str = typer.Option("scanner", "--pet-grid",
                                  help="scanner: axial PET on its own grid, as a PET/MR writes it; "
                                       "mr: PET resampled onto the MR slices."),
+    mr_format: str = typer.Option("classic", "--mr-format",
+                                  help="classic: one MR Image per slice; legacy-enhanced or enhanced: the series as "
+                                       "one multi-frame Legacy Converted Enhanced MR or Enhanced MR Image."),
 ) -> None:
     """Write synthetic sagittal T2FS MR + FDG PET + PET/T2FS fusion studies (paired phantom data)."""
     import time
@@ -45,12 +48,14 @@ def phantom(
         raise typer.BadParameter("a --min-* option exceeds its --max-* option")
     if pet_grid not in ("scanner", "mr"):
         raise typer.BadParameter("--pet-grid must be scanner or mr")
+    if mr_format not in ("classic", "legacy-enhanced", "enhanced"):
+        raise typer.BadParameter("--mr-format must be classic, legacy-enhanced or enhanced")
     t0 = time.perf_counter()
     with _progress("phantom studies") as bar:
         task = bar.add_task("studies", total=cases)
         records = generate(out_dir, cases, seed, lesion_fraction=lesion_fraction, min_matrix=min_matrix,
                            max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices, preview=preview,
-                           jobs=jobs, on_case=lambda _r: bar.advance(task), pet_grid=pet_grid)
+                           jobs=jobs, on_case=lambda _r: bar.advance(task), pet_grid=pet_grid, mr_format=mr_format)
     n_slices = sum(r["slices"] for r in records)
     typer.echo(f"{len(records)} studies, {len({r['patient_id'] for r in records})} patients, "
                f"{sum(r['lesion'] for r in records)} with lesion, {n_slices} slice pairs "

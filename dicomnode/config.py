@@ -140,8 +140,9 @@ class RulesConfig(Section):
     """Declarative selection; every criterion must hold for a series to be processed."""
 
     modalities: list[str] = ["MR"]
-    # MR Image Storage. Enhanced MR (multi-frame) is not selected: the synthesiser reads single-frame slices.
-    sop_classes: list[str] = ["1.2.840.10008.5.1.4.1.1.4"]
+    # MR Image Storage, Enhanced MR Image Storage, Legacy Converted Enhanced MR Image Storage (their
+    # frames are read as slices: dicomnode.frames).
+    sop_classes: list[str] = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"]
     orientation: Literal["sagittal", "axial", "coronal", "any"] = "sagittal"
     max_obliquity_deg: Annotated[float, Field(ge=0, le=90)] = 25.0
     description_include: str = ""  # optional regex the SeriesDescription must match

@@ -86,6 +86,7 @@ def statement() -> str:
     warnings = ", ".join(f"0x{c:04X}" for c in sorted(WARNING_STATUSES))
     unavailable = ", ".join(str(c) for c in sorted(UNAVAILABLE))
     web = cfg.dicomweb
+    processed = ", ".join(UID(u).name for u in cfg.rules.sop_classes)
     stow_failures = [[f"0x{FAILURE_SOP_CLASS:04X}", "SOP class not accepted"],
                      [f"0x{FAILURE_TRANSFER_SYNTAX:04X}", "transfer syntax not accepted"],
                      *[[f"0x{FAILURE_PROCESSING if c == STATUS_PROCESSING_FAILURE else c:04X}", t]
@@ -103,6 +104,8 @@ def statement() -> str:
         ["Burned In Annotation", f"`YES` with the `{BANNER_TEXT}` banner (the default), `NO` without"],
         ["Source Image Sequence", "the source slice, purpose of reference (121322, DCM, \"Source image for image "
          "processing operation\")"],
+        ["Source Image Sequence: Referenced Frame Number", "the source frame, when the source is a multi-frame Enhanced "
+         "MR or Legacy Converted Enhanced MR Image (one output image per frame)"],
         ["Referenced Series Sequence", "the source series and instance"],
         ["Derivation Description, Image Comments", "name the model and its version, and say the image is synthetic"],
         ["Contributing Equipment Sequence", "the MR scanner (109101), the synthesiser (109100, Manufacturer "
@@ -184,9 +187,10 @@ for Verification (`{VERIFICATION}`) and for each of these {len(storage)} storage
 
 {_table(["SOP class", "UID"], sop_rows)}
 
-Only MR Image Storage series are processed by default (`[rules] sop_classes`); instances of the
-other storage SOP classes are stored and journalled, and their series end `ignored` with the
-reason. No extended negotiation, SCP/SCU role selection or asynchronous operations are supported.
+Only series of {processed} are processed by default (`[rules] sop_classes`); the frames of an
+Enhanced MR or Legacy Converted Enhanced MR Image are read as slices, from its shared and per-frame
+functional groups. Instances of the other storage SOP classes are stored and journalled, and their
+series end `ignored` with the reason. No extended negotiation, SCP/SCU role selection or asynchronous operations are supported.
 
 As SCU: Secondary Capture Image Storage (`{sc}`) for the results, Verification, and with
 `dicomnode send` the SOP class of each file sent.

@@ -21,6 +21,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode import __version__
+from dicomnode.frames import frame_of
 
 SERIES_DESCRIPTION = "SYNTHETIC PET/T2FS FUSION - NOT FOR DIAGNOSIS"
 UNCERTAINTY_DESCRIPTION = "SYNTHETIC PET/T2FS UNCERTAINTY - NOT FOR DIAGNOSIS"
@@ -176,7 +177,7 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
             src, (burn_banner(rgb, "SYNTHETIC SD" if uncertainty else BANNER_TEXT) if banner else rgb),
             banner=banner, series_instance_uid=new_series,
             series_number=series_number, instance_number=number,
-            sop_instance_uid=instance_uid(src.SOPInstanceUID, model_name, model_version, uid_variant, uid_prefix),
+            sop_instance_uid=instance_uid(_source_key(src), model_name, model_version, uid_variant, uid_prefix),
             equipment=_equipment(src, equipment), derivation=derivation,
             comments=comments, manufacturer=manufacturer, series_description=series_description,
             manufacturer_model_name=manufacturer_model_name, software_versions=software_version,
@@ -276,10 +277,18 @@ def _equipment(src: Dataset, synthesiser: hd.ContributingEquipment) -> list[hd.C
         return [synthesiser]
 
 
+def _source_key(src: Dataset) -> str:
+    """What an output instance's UID is derived from: the source instance, and its frame if any."""
+    frame = frame_of(src)
+    return str(src.SOPInstanceUID) if frame is None else f"{src.SOPInstanceUID}/frame/{frame}"
+
+
 def _reference(src: Dataset, with_purpose: bool) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = src.SOPClassUID
     item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if with_purpose and frame_of(src) is not None:  # the Image SOP Instance Reference Macro has it
+        item.ReferencedFrameNumber = frame_of(src)
     if with_purpose:
         item.PurposeOfReferenceCodeSequence = [
             hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 from pydicom import Dataset, dcmread
 
 from dicomnode.config import RulesConfig
+from dicomnode.frames import FrameError, expand, frame_of, is_multiframe_mr, label
 from dicomnode.geometry import GeometryError, plane_of, slice_geometry, stack_of
 
 RULE_NAME = "sagittal-t2-fatsat"
@@ -57,10 +58,6 @@ def read_headers(paths: Iterable[Path]) -> tuple[dict[str, list[Dataset]], list[
         except Exception as exc:  # any unreadable file is reported, never fatal
             bad.append((Path(path), str(exc) or type(exc).__name__))
     return dict(groups), bad
-
-
-def _frame_count(headers: Sequence[Dataset]) -> int:
-    return sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers)
 
 
 def _orientation(ds: Dataset) -> list[float] | None:
@@ -108,19 +105,23 @@ def evaluate(cfg: RulesConfig, series_uid: str, headers: Sequence[Dataset]) -> D
     """Evaluate every rule on the whole series; the decision lists each check and its evidence."""
     if not headers:
         return Decision(series_uid, False, "no readable instances")
+    sop_classes = {_text(ds, "SOPClassUID") for ds in headers}
+    other_multiframe = [ds for ds in headers if int(ds.get("NumberOfFrames", 1) or 1) > 1 and not is_multiframe_mr(ds)]
+    try:  # an Enhanced MR instance is read as its frames, each one a slice
+        headers = expand(headers, pixels=False)
+    except FrameError as exc:
+        return Decision(series_uid, False, f"frames: {exc}")
     first = headers[0]
     desc = _text(first, "SeriesDescription") or _text(first, "ProtocolName")
     checks = _Checks()
-    slices = _frame_count(headers)
-    frames = max(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers)
+    slices = len(headers) + sum(int(ds.get("NumberOfFrames", 1) or 1) - 1 for ds in other_multiframe)
 
     modality = _text(first, "Modality")
     checks.add("modality", modality in cfg.modalities, f"{modality or 'missing'} (want {', '.join(cfg.modalities)})")
-    sop_classes = {_text(ds, "SOPClassUID") for ds in headers}
     checks.add("sop_class", sop_classes <= set(cfg.sop_classes), ", ".join(sorted(sop_classes)))
-    checks.add("single_frame", frames == 1,
-               "single-frame slices" if frames == 1 else f"a multi-frame object ({frames} frames, e.g. Enhanced MR): "
-               "the synthesiser reads single-frame slices only; export the series as classic MR images")
+    checks.add("single_frame", not other_multiframe,
+               "slices or MR frames" if not other_multiframe else
+               f"a multi-frame object that is not Enhanced MR ({_text(other_multiframe[0], 'SOPClassUID')})")
     checks.add("slices", cfg.min_slices <= slices <= cfg.max_slices,
                f"{slices} (want {cfg.min_slices}-{cfg.max_slices})")
     if cfg.description_include:
@@ -142,7 +143,9 @@ def evaluate(cfg: RulesConfig, series_uid: str, headers: Sequence[Dataset]) -> D
     seq_name = _text(first, "SequenceName")
     sequence = " ".join([desc, _text(first, "ProtocolName"), seq_name, _text(first, "PulseSequenceName")])
     te, tr, ti = _float(first, "EchoTime"), _float(first, "RepetitionTime"), _float(first, "InversionTime")
-    is_stir = bool(STIR_RE.search(sequence)) or ("IR" in options and ti is not None and 100 <= ti <= 250)
+    inversion = "IR" in options or _text(first, "InversionRecovery").upper() == "YES"  # classic or Enhanced MR
+    is_stir = bool(STIR_RE.search(sequence)) or (inversion and ti is not None and 100 <= ti <= 250)
+    suppression = _text(first, "SpectrallySelectedSuppression").upper()  # Enhanced MR's MR Pulse Sequence
 
     if cfg.require_t2:
         t1_timing = te is not None and tr is not None and te < T1_MAX_TE_MS and tr < T1_MAX_TR_MS
@@ -161,6 +164,8 @@ def evaluate(cfg: RulesConfig, series_uid: str, headers: Sequence[Dataset]) -> D
         fs_desc = FAT_SAT_DESC_RE.search(sequence)
         if fs_opts:
             checks.add("fat_suppression", True, f"Scan Options {'/'.join(fs_opts)}")
+        elif suppression in ("FAT", "FAT_AND_WATER"):
+            checks.add("fat_suppression", True, f"Spectrally Selected Suppression {suppression}")
         elif fs_desc:
             checks.add("fat_suppression", True, f"name {fs_desc.group(0).strip(' _-/')!r}")
         elif is_stir:
@@ -185,11 +190,12 @@ def _geometry(headers: Sequence[Dataset]) -> tuple[bool, str]:
     except GeometryError as exc:
         return False, str(exc)
     first = stack.slices[0]
-    return True, f"{len(headers)} slices {first.rows}x{first.cols}, spacing {stack.gap:.2f} mm"
+    what = "frames" if any(frame_of(ds) for ds in headers) else "slices"
+    return True, f"{len(headers)} {what} {first.rows}x{first.cols}, spacing {stack.gap:.2f} mm"
 
 
 def _label(ds: Dataset) -> str:
-    return f"instance #{ds.get('InstanceNumber', '?')}"
+    return label(ds)
 
 
 def evaluate_paths(cfg: RulesConfig, paths: Iterable[Path]) -> list[Decision]:

@@ -15,6 +15,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.pixels import apply_rescale
 
+from dicomnode.frames import FrameError, expand, frame_of
 from dicomnode.geometry import GeometryError, SliceGeometry, slice_geometry, stack_of
 from dicomnode.infer.grid import MODEL_GRID, GridPlacement, normalize_series, unit_to_rgb
 
@@ -41,7 +42,14 @@ def prepare_series(items: Sequence[Dataset | str | PathLike], size: int = MODEL_
     """Read, check, order, decode and normalise one series; raise SeriesError on bad input."""
     if not items:
         raise SeriesError("empty series")
-    datasets = [_read(item) for item in items]
+    read = [_read(item) for item in items]
+    try:  # an Enhanced MR instance becomes one slice per frame (dicomnode.frames)
+        views = [(view, item) for ds, item in zip(read, items) for view in expand([ds])]
+    except FrameError as exc:
+        raise SeriesError(str(exc)) from None
+    except Exception as exc:  # undecodable multi-frame pixel data
+        raise SeriesError(f"cannot read the frames of a multi-frame instance: {exc}") from None
+    datasets, items = [v for v, _ in views], [i for _, i in views]
     names = [_name(ds, item) for ds, item in zip(datasets, items)]
     _check_members(datasets, names)
     try:
@@ -81,7 +89,8 @@ def _read(item: Dataset | str | PathLike) -> Dataset:
 def _name(ds: Dataset, item: object) -> str:
     """Identify an instance without patient data: file name if any, Instance Number and SOP UID."""
     where = f"{item} " if not isinstance(item, Dataset) else ""
-    return f"instance {where}(#{ds.get('InstanceNumber', '?')}, {ds.get('SOPInstanceUID', '?')})"
+    frame = f"frame {frame_of(ds)} of " if frame_of(ds) is not None else ""
+    return f"{frame}instance {where}(#{ds.get('InstanceNumber', '?')}, {ds.get('SOPInstanceUID', '?')})"
 
 
 def _geometry(ds: Dataset, name: str) -> SliceGeometry:
@@ -98,9 +107,10 @@ def _check_members(datasets: list[Dataset], names: list[str]) -> None:
     for ds, name in zip(datasets, names):
         if ds.get("SeriesInstanceUID") != ref.get("SeriesInstanceUID"):
             raise SeriesError(f"{name} belongs to another series")
-        if ds.get("SOPInstanceUID") in seen:
+        key = f"{ds.get('SOPInstanceUID')}#{frame_of(ds)}"
+        if key in seen:
             raise SeriesError(f"{name} appears twice")
-        seen.add(ds.get("SOPInstanceUID"))
+        seen.add(key)
         if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise SeriesError(f"{name}: only single-frame greyscale images are supported")
 

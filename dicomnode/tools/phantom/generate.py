@@ -19,6 +19,7 @@ import numpy as np
 
 from dicomnode.tools.fusion import render_fusion
 from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
+from dicomnode.tools.phantom.enhanced import MR_FORMATS
 from dicomnode.tools.phantom.grid import SliceGrid
 from dicomnode.tools.phantom.uptake import mr_acquire, pet_acquire, suv_scale_bqml
 from dicomnode.tools.phantom.writers import (
@@ -68,6 +69,7 @@ class CaseSpec:
     lesion: bool
     variant: int
     pet_grid: str = "scanner"  # "scanner": axial PET as the scanner writes it; "mr": resampled onto the MR slices
+    mr_format: str = "classic"  # "legacy-enhanced", "enhanced": the MR series as one multi-frame instance
 
 
 def _matrix(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int]:
@@ -270,6 +272,10 @@ def write_spec(spec: CaseSpec, out_dir: Path, with_thumb: bool = False) -> dict:
     lo, hi = (float(v) for v in np.percentile(sim.mr, [0.5, 99.5]))
     window = (float(round((lo + hi) / 2)), float(max(round(hi - lo), 1)))  # as written to the header
     mr_paths = write_mr(head, sim.grid, sim.mr, case_dir / "MR", window)
+    if spec.mr_format != "classic":
+        from dicomnode.tools.phantom.enhanced import write_multiframe
+
+        mr_paths = write_multiframe(mr_paths, spec.mr_format)
     pet_paths = write_pet(head, pet_grid, pet_suv, case_dir / "PET", on_mr_grid=sim.pet_grid is None)
     # The workstation's fusion: the PET as simulated at the MR's resolution, stored as the scanner would.
     fused_suv = stored_suv(sim.suv, head["bqml_per_suv"])
@@ -284,7 +290,7 @@ def write_spec(spec: CaseSpec, out_dir: Path, with_thumb: bool = False) -> dict:
         "series_description": head["series_description"], "weighting": spec.weighting,
         "orientation": spec.orientation, "rows": spec.rows, "cols": spec.cols, "slices": spec.slices,
         "pixel_spacing_mm": sim.grid.row_spacing, "slice_spacing_mm": sim.grid.slice_spacing,
-        "pet_fwhm_mm": sim.meta["pet_fwhm_mm"], "pet_grid": spec.pet_grid,
+        "pet_fwhm_mm": sim.meta["pet_fwhm_mm"], "pet_grid": spec.pet_grid, "mr_format": spec.mr_format,
         "pet_pixel_spacing_mm": pet_grid.row_spacing, "pet_slice_spacing_mm": pet_grid.slice_spacing,
         "mr_series_uid": head["mr_series_uid"],
         "pet_series_uid": head["pet_series_uid"], "fusion_series_uid": head["fusion_series_uid"],
@@ -305,7 +311,8 @@ def _write_spec_star(args) -> dict:
 
 def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: float = 0.5, min_matrix: int = 256,
              max_matrix: int = 512, min_slices: int = 12, max_slices: int = 20, preview: bool = False,
-             jobs: int = 1, on_case: Callable[[dict], None] | None = None, pet_grid: str = "scanner") -> list[dict]:
+             jobs: int = 1, on_case: Callable[[dict], None] | None = None, pet_grid: str = "scanner",
+             mr_format: str = "classic") -> list[dict]:
     """Write `cases` studies and OUT_DIR/cases.json (plus OUT_DIR/preview.png with preview);
     `on_case(record)` is called as each study is written (for a progress bar)."""
     out = Path(out_dir)
@@ -313,8 +320,10 @@ def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: flo
     if pet_grid not in PET_PLANES:
         raise ValueError(f"pet_grid must be one of {PET_PLANES}")
     specs = plan_cases(cases, seed, lesion_fraction, min_matrix, max_matrix, min_slices, max_slices)
+    if mr_format not in MR_FORMATS:
+        raise ValueError(f"mr_format must be one of {MR_FORMATS}")
     for s in specs:
-        s.pet_grid = pet_grid
+        s.pet_grid, s.mr_format = pet_grid, mr_format
     thumbs = set(range(min(len(specs), 8))) if preview else set()
     args = [(s, out, s.case_index in thumbs) for s in specs]
     records = []
@@ -358,7 +367,8 @@ def contact_sheet(pics: list[np.ndarray], path: Path, tile: int = 256, per_row: 
 def write_case(out_dir: str | Path, seed: int, *, vendor: str | None = None, rows: int | None = None,
                cols: int | None = None, slices: int | None = None, lesion: bool | None = None,
                patient_name: str | None = None, specific_character_set: str | None = None,
-               orientation: str = "sagittal", weighting: str = "T2FS", pet_grid: str = "scanner") -> dict:
+               orientation: str = "sagittal", weighting: str = "T2FS", pet_grid: str = "scanner",
+               mr_format: str = "classic") -> dict:
     """One study with chosen properties, for tests of the node and engine.
 
     Writes out_dir/<case_id>/{MR,PET,FUSION}/NNN.dcm and returns the case record (absolute paths
@@ -385,7 +395,9 @@ def write_case(out_dir: str | Path, seed: int, *, vendor: str | None = None, row
         spec.charset = specific_character_set
     if pet_grid not in PET_PLANES:
         raise ValueError(f"pet_grid must be one of {PET_PLANES}")
-    spec.orientation, spec.weighting, spec.pet_grid = orientation, weighting, pet_grid
+    if mr_format not in MR_FORMATS:
+        raise ValueError(f"mr_format must be one of {MR_FORMATS}")
+    spec.orientation, spec.weighting, spec.pet_grid, spec.mr_format = orientation, weighting, pet_grid, mr_format
     record = write_spec(spec, Path(out_dir).resolve())
     record["spec"] = asdict(spec)
     return record
