@@ -11,6 +11,7 @@ from dicomnode.node import Node
 from tests.support.dicomfactory import make_series
 from tests.support.nodehelpers import dataset_bytes, make_config, sop_uid
 from tests.support.peers import dcmtk, run
+from tests.support.tlscerts import make_certs
 
 pytestmark = pytest.mark.integration
 
@@ -137,24 +138,6 @@ def test_tls_echo_with_client_certificate(tmp_path, port):
         assert ok.returncode == 0, ok.stdout + ok.stderr
         plain = run([dcmtk("echoscu"), "-to", "5", "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=False)
         assert plain.returncode != 0
-
-
-def make_certs(d: Path) -> dict[str, Path]:
-    """A throwaway CA with a server and a client certificate (openssl CLI)."""
-    d.mkdir(parents=True)
-    p = {n: d / n for n in ("ca.key", "ca.crt", "server.key", "server.crt", "client.key", "client.crt")}
-    ssl = ["openssl"]
-    run(ssl + ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(p["ca.key"]), "-out", str(p["ca.crt"]),
-               "-days", "2", "-subj", "/CN=test-ca"])
-    for who in ("server", "client"):
-        csr = d / f"{who}.csr"
-        run(ssl + ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(p[f"{who}.key"]), "-out", str(csr),
-                   "-subj", f"/CN={who}"])
-        ext = d / f"{who}.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1\n")
-        run(ssl + ["x509", "-req", "-in", str(csr), "-CA", str(p["ca.crt"]), "-CAkey", str(p["ca.key"]),
-                   "-CAcreateserial", "-out", str(p[f"{who}.crt"]), "-days", "2", "-extfile", str(ext)])
-    return p
 
 
 def test_contexts_are_copied_per_association_without_sharing_lists(node):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -20,6 +21,7 @@ from tests.support.doubles import CopyProcessor
 from tests.support.nodehelpers import dataset_bytes, make_raw_config, wait_for
 from tests.support.orthanc import ORTHANC, OrthancServer
 from tests.support.peers import free_port
+from tests.support.tlscerts import make_certs
 
 pytestmark = pytest.mark.integration
 TOKEN = "stow-token-8f3a1c9e2b7d4a60"
@@ -174,3 +176,26 @@ def test_more_requests_than_allowed_at_once_get_503(tmp_path, port):
             slow.close()
         assert wait_for(lambda: requests.post(url + "/studies", data=multipart([good])[0],
                                               headers=multipart([good])[1], timeout=10).status_code == 200, 10)
+
+
+def test_https_with_client_certificates_instead_of_tokens(tmp_path, port):
+    certs = make_certs(tmp_path / "pki")
+    http_port = free_port()
+    raw = make_raw_config(tmp_path, port, series={"quiet_seconds": 1.0},
+                          tls={"cert_file": str(certs["server.crt"]), "key_file": str(certs["server.key"]),
+                               "ca_file": str(certs["ca.crt"])},
+                          dicomweb={"enabled": True, "port": http_port, "tls": True})
+    url = f"https://127.0.0.1:{http_port}/dicom-web/studies"
+    good = make_series(tmp_path / "in", slices=8)[0].read_bytes()
+    body, headers = multipart([good])
+    del headers["Authorization"]
+    with Node(config_from_dict(raw), CopyProcessor()) as node:
+        r = requests.post(url, data=body, headers=headers, verify=str(certs["ca.crt"]),
+                          cert=(str(certs["client.crt"]), str(certs["client.key"])), timeout=30)
+        assert r.status_code == 200, r.text
+        assert node.journal.instance(str(pydicom.dcmread(BytesIO(good)).SOPInstanceUID)).calling_aet == "client"
+        with pytest.raises(requests.exceptions.SSLError):  # no client certificate: the handshake fails
+            requests.post(url, data=body, headers=headers, verify=str(certs["ca.crt"]), timeout=30)
+        with pytest.raises(requests.exceptions.ConnectionError):  # plain HTTP on the TLS port
+            requests.post(url.replace("https", "http"), data=body, headers=headers, timeout=30)
+        assert node.journal.instance_count() == 1
