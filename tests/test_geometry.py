@@ -92,7 +92,8 @@ def test_stack_orders_along_the_normal_not_by_input():
 
 
 def write_enhanced_mr(path, frames: int = 8) -> Dataset:
-    """A minimal multi-frame Enhanced MR object of a sagittal T2 FS series."""
+    """A multi-frame Enhanced MR object of a sagittal T2 FS series without per-frame functional
+    groups: its frames cannot be placed (tests/test_enhanced_mr.py has complete ones)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ENHANCED_MR, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -114,23 +115,22 @@ def write_enhanced_mr(path, frames: int = 8) -> Dataset:
     return ds
 
 
-def test_enhanced_mr_is_not_selected_and_rules_test_says_why(tmp_path):
+def test_enhanced_mr_without_frame_positions_is_not_selected_and_rules_test_says_why(tmp_path):
     from typer.testing import CliRunner
 
     from dicomnode.cli import app
 
     (tmp_path / "in").mkdir()
     ds = write_enhanced_mr(tmp_path / "in" / "enhanced.dcm")
-    rules = RulesConfig(sop_classes=["1.2.840.10008.5.1.4.1.1.4", ENHANCED_MR])  # even when allowed
-    decision = evaluate(rules, ds.SeriesInstanceUID, [ds])
-    assert not decision.matched and "multi-frame object (8 frames, e.g. Enhanced MR)" in decision.reason
-    assert not evaluate(RulesConfig(), ds.SeriesInstanceUID, [ds]).matched  # the default does not list it
+    decision = evaluate(RulesConfig(), ds.SeriesInstanceUID, [ds])
+    assert not decision.matched
+    assert "instance #1: 8 frames but 0 per-frame functional group items" in decision.reason
     r = CliRunner().invoke(app, ["rules", "test", str(tmp_path / "in")])
     assert r.exit_code == 0 and "REJECT" in r.output
 
 
 @pytest.mark.integration
-def test_enhanced_mr_sent_to_the_node_is_ignored_with_the_reason(tmp_path, port):
+def test_enhanced_mr_without_frame_positions_sent_to_the_node_is_ignored_with_the_reason(tmp_path, port):
     from dicomnode.journal import JobState
     from dicomnode.node import Node
     from tests.support.nodehelpers import make_config
@@ -146,4 +146,4 @@ def test_enhanced_mr_sent_to_the_node_is_ignored_with_the_reason(tmp_path, port)
         while time.time() < deadline and not node.journal.jobs([JobState.IGNORED]):
             time.sleep(0.1)
         (job,) = node.journal.jobs()
-        assert job.state == JobState.IGNORED and "multi-frame" in job.reason
+        assert job.state == JobState.IGNORED and "per-frame functional group" in job.reason
