@@ -38,6 +38,9 @@ def phantom(
     mr_format: str = typer.Option("classic", "--mr-format",
                                   help="classic: one MR Image per slice; legacy-enhanced or enhanced: the series as "
                                        "one multi-frame Legacy Converted Enhanced MR or Enhanced MR Image."),
+    content: str = typer.Option("", "--content",
+                                help="Out-of-distribution content under the T2FS header (to test the input gate): "
+                                     "T1, STIR, T2 (no fat suppression), noise, ghosting, inhomogeneity, region."),
 ) -> None:
     """Write synthetic sagittal T2FS MR + FDG PET + PET/T2FS fusion studies (paired phantom data)."""
     import time
@@ -50,12 +53,17 @@ def phantom(
         raise typer.BadParameter("--pet-grid must be scanner or mr")
     if mr_format not in ("classic", "legacy-enhanced", "enhanced"):
         raise typer.BadParameter("--mr-format must be classic, legacy-enhanced or enhanced")
+    from dicomnode.tools.phantom.generate import CONTENTS
+
+    if content and content not in CONTENTS:
+        raise typer.BadParameter(f"--content must be one of {', '.join(CONTENTS)}")
     t0 = time.perf_counter()
     with _progress("phantom studies") as bar:
         task = bar.add_task("studies", total=cases)
         records = generate(out_dir, cases, seed, lesion_fraction=lesion_fraction, min_matrix=min_matrix,
                            max_matrix=max_matrix, min_slices=min_slices, max_slices=max_slices, preview=preview,
-                           jobs=jobs, on_case=lambda _r: bar.advance(task), pet_grid=pet_grid, mr_format=mr_format)
+                           jobs=jobs, on_case=lambda _r: bar.advance(task), pet_grid=pet_grid, mr_format=mr_format,
+                           content=content)
     n_slices = sum(r["slices"] for r in records)
     typer.echo(f"{len(records)} studies, {len({r['patient_id'] for r in records})} patients, "
                f"{sum(r['lesion'] for r in records)} with lesion, {n_slices} slice pairs "

@@ -283,3 +283,35 @@ def test_pet_is_written_as_the_scanner_writes_it(tmp_path, vendor):
     order = np.argsort([float(p.ImagePositionPatient[2]) for p in pet])
     read = np.stack([suv_from_pet(pet[i]) for i in order])
     assert np.abs(read - sim.pet_suv).max() < 2e-3 * max(float(sim.pet_suv.max()), 1.0)
+
+
+def test_out_of_distribution_content_under_a_t2fs_header(tmp_path):
+    """What the input gate must catch: every kind passes the header rules as a sagittal T2FS."""
+    from dicomnode.config import RulesConfig
+    from dicomnode.rules import evaluate_paths
+    from dicomnode.tools.phantom.generate import CONTENTS, _rotated
+
+    def volume(record):
+        return np.stack([pydicom.dcmread(p).pixel_array.astype(np.float64) for p in record["mr"]])
+
+    base = write_case(tmp_path / "base", 7, rows=64, cols=64, slices=10)
+    b = volume(base)
+    seen = {}
+    for kind in CONTENTS:
+        record = write_case(tmp_path / kind, 7, rows=64, cols=64, slices=10, content=kind)
+        (decision,) = evaluate_paths(RulesConfig(), [Path(p) for p in record["mr"]])
+        assert decision.matched, (kind, decision.reason)
+        assert pydicom.dcmread(record["mr"][0]).SeriesDescription == pydicom.dcmread(base["mr"][0]).SeriesDescription
+        seen[kind] = volume(record)
+        assert record["content"] == kind
+    assert np.array_equal(seen["region"], _rotated(b.astype(np.uint16)).astype(np.float64))
+    corr = {k: float(np.corrcoef(v.ravel(), b.ravel())[0, 1]) for k, v in seen.items()}
+    assert corr["STIR"] > 0.95  # fat-suppressed and T2-like: close to T2FS by nature
+    assert corr["T1"] < 0.3 and corr["T2"] < 0.6  # fat (and CSF for T1) change brightness
+
+    def noise_sd(v):  # from neighbouring pixels' differences (robust to the anatomy's edges)
+        d = np.diff(v, axis=2).ravel()
+        return float(np.median(np.abs(d - np.median(d)))) / 0.6745 / np.sqrt(2)
+
+    assert noise_sd(seen["noise"]) > 3 * noise_sd(b)  # the noise SD 6-10 times; texture is in both
+    assert seen["inhomogeneity"].std() / seen["inhomogeneity"].mean() > 1.5 * b.std() / b.mean()

@@ -40,7 +40,11 @@ TISSUE = {
     "rim": (0.45, 0.40, 0.50),
     "infected_disc": (0.85, 0.20, 0.90),
 }
-WEIGHTINGS = ("T2FS", "T1", "STIR")
+# T2 without fat suppression: as T2FS, but fat and fatty tissue bright (only as content that a
+# header calls T2FS: an input the safety gate must catch).
+_T2_FAT = {"fat": 0.80, "marrow": 0.45, "skin": 0.45, "abdomen": 0.40, "mediastinum": 0.45}
+TISSUE = {name: (*values, _T2_FAT.get(name, values[0])) for name, values in TISSUE.items()}
+WEIGHTINGS = ("T2FS", "T1", "STIR", "T2")
 
 # Vertebrae from the sacrum upwards with typical body heights (mm) and the disc above each.
 LEVELS = ["S1", "L5", "L4", "L3", "L2", "L1"] + [f"T{i}" for i in range(12, 0, -1)]

@@ -70,6 +70,7 @@ class CaseSpec:
     variant: int
     pet_grid: str = "scanner"  # "scanner": axial PET as the scanner writes it; "mr": resampled onto the MR slices
     mr_format: str = "classic"  # "legacy-enhanced", "enhanced": the MR series as one multi-frame instance
+    content: str = ""  # an out-of-distribution kind (CONTENTS): what the pixels show under a T2FS header
 
 
 def _matrix(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int]:
@@ -200,15 +201,57 @@ def scene(spec: CaseSpec) -> Scene:
     return Scene(anat, lesion, modic, grid, rng)
 
 
+# Out-of-distribution content under a sagittal T2FS header, for the input gate (issue: series the
+# model was never trained for): another contrast, or a T2FS ruined by noise, motion ghosts, a
+# strong coil inhomogeneity, or a field of view without the lumbar spine in its place.
+CONTENTS = ("T1", "STIR", "T2", "noise", "ghosting", "inhomogeneity", "region")
+
+
+def _ghosts(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Periodic motion: faint copies of the object shifted along the phase-encoding direction."""
+    shift = clean.shape[1] // int(rng.integers(3, 6))
+    amp = np.float32(rng.uniform(0.25, 0.4))
+    return clean + amp * (np.roll(clean, shift, axis=1) + np.roll(clean, -shift, axis=1))
+
+
+def _bias(clean: np.ndarray, grid: SliceGrid, rng: np.random.Generator) -> np.ndarray:
+    """A coil inhomogeneity several times the normal one: signal falling tenfold across the body."""
+    _, Y, Z = grid.coords()
+    _, cy, cz = grid.center
+    steep = np.float32(rng.uniform(2.0, 2.8))
+    return clean * np.exp(steep * (Y - cy) / 100 - np.float32(1.5) * ((Z - cz) / 120) ** 2).astype(np.float32)
+
+
+def _rotated(mr: np.ndarray) -> np.ndarray:
+    """Each slice turned a quarter (cropped or padded back to its matrix): no spine where it belongs."""
+    out = np.zeros_like(mr)
+    turned = np.rot90(mr, axes=(1, 2))
+    r, c = min(mr.shape[1], turned.shape[1]), min(mr.shape[2], turned.shape[2])
+    out[:, :r, :c] = turned[:, :r, :c]
+    return out
+
+
 def simulate(spec: CaseSpec) -> Simulated:
     """Render one study's MR and PET volumes (no files)."""
     sc = scene(spec)
     rng = sc.rng
-    painted = paint_case(sc.anatomy, sc.grid, spec.weighting, sc.lesion, sc.modic, rng)
+    content = spec.content if spec.content in ("T1", "STIR", "T2") else spec.weighting
+    painted = paint_case(sc.anatomy, sc.grid, content, sc.lesion, sc.modic, rng)
     fwhm, noise = float(rng.uniform(4.0, 6.0)), float(rng.uniform(0.10, 0.22))
     suv = pet_acquire(painted.suv, sc.grid, fwhm, noise, rng)
     gain, mr_noise = float(rng.uniform(800, 1700)), float(rng.uniform(0.015, 0.035))
-    mr = mr_acquire(painted.mr, sc.grid, gain, mr_noise, rng)
+    clean = painted.mr
+    if spec.content in ("ghosting", "inhomogeneity", "noise"):
+        orng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.case_index, 0x00D]))
+        if spec.content == "ghosting":
+            clean = _ghosts(clean, orng)
+        elif spec.content == "inhomogeneity":
+            clean = _bias(clean, sc.grid, orng)
+        else:
+            mr_noise *= float(orng.uniform(6.0, 10.0))
+    mr = mr_acquire(clean, sc.grid, gain, mr_noise, rng)
+    if spec.content == "region":
+        mr = _rotated(mr)
     meta = dict(painted.meta, pet_fwhm_mm=round(fwhm, 2), pet_noise=noise, modic=sc.modic,
                 uptake_true=round(sc.lesion.suv_peak, 3) if sc.lesion else None)
     sim = Simulated(sc.grid, mr, suv, painted.suv, painted.lesion_mask, meta)
@@ -291,6 +334,7 @@ def write_spec(spec: CaseSpec, out_dir: Path, with_thumb: bool = False) -> dict:
         "orientation": spec.orientation, "rows": spec.rows, "cols": spec.cols, "slices": spec.slices,
         "pixel_spacing_mm": sim.grid.row_spacing, "slice_spacing_mm": sim.grid.slice_spacing,
         "pet_fwhm_mm": sim.meta["pet_fwhm_mm"], "pet_grid": spec.pet_grid, "mr_format": spec.mr_format,
+        "content": spec.content or None,
         "pet_pixel_spacing_mm": pet_grid.row_spacing, "pet_slice_spacing_mm": pet_grid.slice_spacing,
         "mr_series_uid": head["mr_series_uid"],
         "pet_series_uid": head["pet_series_uid"], "fusion_series_uid": head["fusion_series_uid"],
@@ -312,7 +356,7 @@ def _write_spec_star(args) -> dict:
 def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: float = 0.5, min_matrix: int = 256,
              max_matrix: int = 512, min_slices: int = 12, max_slices: int = 20, preview: bool = False,
              jobs: int = 1, on_case: Callable[[dict], None] | None = None, pet_grid: str = "scanner",
-             mr_format: str = "classic") -> list[dict]:
+             mr_format: str = "classic", content: str = "") -> list[dict]:
     """Write `cases` studies and OUT_DIR/cases.json (plus OUT_DIR/preview.png with preview);
     `on_case(record)` is called as each study is written (for a progress bar)."""
     out = Path(out_dir)
@@ -322,8 +366,10 @@ def generate(out_dir: str | Path, cases: int, seed: int, *, lesion_fraction: flo
     specs = plan_cases(cases, seed, lesion_fraction, min_matrix, max_matrix, min_slices, max_slices)
     if mr_format not in MR_FORMATS:
         raise ValueError(f"mr_format must be one of {MR_FORMATS}")
+    if content and content not in CONTENTS:
+        raise ValueError(f"content must be one of {CONTENTS}")
     for s in specs:
-        s.pet_grid, s.mr_format = pet_grid, mr_format
+        s.pet_grid, s.mr_format, s.content = pet_grid, mr_format, content
     thumbs = set(range(min(len(specs), 8))) if preview else set()
     args = [(s, out, s.case_index in thumbs) for s in specs]
     records = []
@@ -368,7 +414,7 @@ def write_case(out_dir: str | Path, seed: int, *, vendor: str | None = None, row
                cols: int | None = None, slices: int | None = None, lesion: bool | None = None,
                patient_name: str | None = None, specific_character_set: str | None = None,
                orientation: str = "sagittal", weighting: str = "T2FS", pet_grid: str = "scanner",
-               mr_format: str = "classic") -> dict:
+               mr_format: str = "classic", content: str = "") -> dict:
     """One study with chosen properties, for tests of the node and engine.
 
     Writes out_dir/<case_id>/{MR,PET,FUSION}/NNN.dcm and returns the case record (absolute paths
@@ -397,7 +443,10 @@ def write_case(out_dir: str | Path, seed: int, *, vendor: str | None = None, row
         raise ValueError(f"pet_grid must be one of {PET_PLANES}")
     if mr_format not in MR_FORMATS:
         raise ValueError(f"mr_format must be one of {MR_FORMATS}")
+    if content and content not in CONTENTS:
+        raise ValueError(f"content must be one of {CONTENTS}")
     spec.orientation, spec.weighting, spec.pet_grid, spec.mr_format = orientation, weighting, pet_grid, mr_format
+    spec.content = content
     record = write_spec(spec, Path(out_dir).resolve())
     record["spec"] = asdict(spec)
     return record
