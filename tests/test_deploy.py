@@ -45,6 +45,7 @@ def exposition(tmp_path) -> dict[str, set[str]]:
     m = Metrics(journal, Spool(tmp_path / "spool"))
     m.observe_store(0, 0.01)
     m.associations_rejected.inc()
+    m.dicomweb_requests.labels("200").inc()
     m.series_completed.labels("quiet").inc()
     m.series_selected.labels("true").inc()
     m.stage_seconds.labels("infer").observe(1.0)
