@@ -91,7 +91,12 @@ def _caller(request: "web.Request", tokens_file: Path | None) -> str | None:
             return None
         given_b = given.strip().encode()
         name = None
-        for token, who in load_tokens(tokens_file).items():  # compare with every token: no early exit
+        try:
+            tokens = load_tokens(tokens_file)
+        except (OSError, UnicodeDecodeError) as exc:  # nobody gets in until it can be read again
+            log.error("[dicomweb] tokens_file cannot be read: %s", exc)
+            return None
+        for token, who in tokens.items():  # compare with every token: no early exit
             if hmac.compare_digest(token.encode(), given_b):
                 name = who
         return name

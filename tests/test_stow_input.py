@@ -150,6 +150,10 @@ def test_bad_requests_get_4xx_store_nothing_and_the_node_serves_on(tmp_path, por
                      b"Content-Length: 100000\r\n\r\n", b"--b0undary\r\nContent-Type: application/dicom\r\n\r\nDICM")
         assert reply.startswith(b"HTTP/1.1 408") and time.time() - t0 < 10
         assert node.journal.instance_count() == 0  # nothing of any of them was kept
+        # a tokens file that cannot be read lets nobody in (and the node serves on)
+        tokens.rename(tmp_path / "moved")
+        assert requests.post(url + "/studies", data=body, headers=headers, timeout=30).status_code == 401
+        (tmp_path / "moved").rename(tokens)
         # a revoked token stops working at once
         tokens.write_text("# nobody\n")
         assert requests.post(url + "/studies", data=body, headers=headers, timeout=30).status_code == 401
