@@ -13,7 +13,8 @@ Each model is scored on the val split (at most --val-limit evenly spread slices,
 every model) against INIT with `compare`'s paired bootstrap over patients. WORK/results.json
 and WORK/results.md are rewritten after every run, and finished runs are not run again.
 
---test scores, once, the run chosen for each size (best val PSNR) on the whole test split.
+--test scores, once, the run chosen for each size (best val PSNR) on the test split (all of it, or
+--test-limit evenly spread slices).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--phantom", type=Path, help="the phantom export: uptake shown inside the lesion masks")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--test", action="store_true", help="score the chosen run per size on the test split, once")
+    ap.add_argument("--test-limit", type=int, help="at most this many evenly spread test slices")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     res_path = a.work / "results.json"
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
         save()
         print(markdown(res).splitlines()[-1], flush=True)
     if a.test:
-        test, tmasks, tpat = load("test", None)
+        test, tmasks, tpat = load("test", a.test_limit)
         tbase = scores_of(a.init, test, tmasks, a.work / "start-test.npz", a.threads)
         res["test"] = []
         for n in sorted({r["counts"]["train_studies"] for r in res["runs"]}):
