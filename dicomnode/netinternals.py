@@ -8,7 +8,9 @@ pynetdicom's public API does not cover three things the node needs:
   connection whose peer closed before its A-ASSOCIATE-RQ (`listener.end_abandoned`);
 - the association reactor's pause (`Association._reactor_checkpoint`, `_is_paused`) and the DIMSE
   message queue (`DIMSEServiceProvider.get_msg`, `msg_queue`): the sending side takes the reactor
-  off that queue (`keep_responses_for_sender`).
+  off that queue (`keep_responses_for_sender`);
+- the connected socket of a requestor association (`dul.socket.socket`): the sending side turns
+  Nagle's algorithm off on it (`no_delay`), as DCMTK does with TCP_NODELAY=1.
 
 pyproject.toml pins pynetdicom to the minor release these were tested with; `check()` says clearly
 which one is missing if a later release renames it, instead of failing mid-transfer.
@@ -74,3 +76,17 @@ def keep_responses_for_sender(assoc) -> None:
         return blocking_get(block=True) if block else (None, None)
 
     dimse.get_msg = sender_only_get_msg
+
+
+def no_delay(assoc) -> None:
+    """TCP_NODELAY on an established association's socket: a C-STORE's last PDU goes out at once
+    instead of waiting for the peer's delayed ACK (bench/bench_stow.py: 0.34 -> 0.21 s for 15
+    images of 768 KiB to an Orthanc with TCP_NODELAY=1). Without the internal, nothing changes."""
+    import socket
+
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP, or already closed: nothing to tune
+            pass

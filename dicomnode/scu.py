@@ -14,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicomnode.netinternals import keep_responses_for_sender
+from dicomnode.netinternals import keep_responses_for_sender, no_delay
 
 log = logging.getLogger("dicomnode.scu")
 
@@ -81,6 +81,7 @@ def _associate(ae: AE, host: str, port: int, called_aet: str, tls: ssl.SSLContex
     if not assoc.is_established:
         raise AssociationFailed(_why_not(assoc, host, port, called_aet))
     keep_responses_for_sender(assoc)
+    no_delay(assoc)
     return assoc
 
 

@@ -86,3 +86,24 @@ def test_no_response_is_stolen_by_the_reactor(tmp_path, widened_reactor_window):
 
 def test_the_internals_the_node_relies_on_are_there():
     netinternals.check()  # raises naming the missing internal on a pynetdicom that lacks one
+
+
+def test_the_sending_socket_has_nagle_off(tmp_path):
+    """A C-STORE's last PDU must not wait for the peer's delayed ACK (bench/bench_stow.py)."""
+    import socket
+
+    from pynetdicom import AE
+
+    from dicomnode.scu import _associate
+
+    sink = Sink(tmp_path / "sink", free_port()).start()
+    try:
+        ae = AE("NODE")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = _associate(ae, "127.0.0.1", sink.port, "SINK", None)
+        try:
+            assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            assoc.release()
+    finally:
+        sink.stop()
