@@ -103,3 +103,16 @@ def test_a_fine_tuned_model_is_a_model_folder_with_its_provenance(data, tmp_path
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tiny-1+site" in r.stdout + r.stderr
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["bootstrap"]["resampled"] == "patients"
+
+
+def test_the_recipe_steps_follow_the_size_of_the_train_split(data, tmp_path):
+    from training.finetune import RECIPE, SMALL_SLICES, recipe_steps
+
+    assert recipe_steps(data) == RECIPE.small_steps  # a handful of studies
+    big = tmp_path / "big"
+    big.mkdir()
+    header = "index,patient_id,study_uid,mr_series_uid,fusion_series_uid,slice_index,position_mm,uptake,lesion," \
+             "phantom_case,split\n"
+    rows = [f"{i},P1,S{i // 16},M,F,{i % 16},0,,0,,{'train' if i < SMALL_SLICES else 'val'}\n" for i in range(700)]
+    (big / "pairs.csv").write_text(header + "".join(rows))
+    assert recipe_steps(big) == RECIPE.steps
