@@ -114,6 +114,8 @@ def frame_views(ds: Dataset, pixels: bool = True) -> list[Dataset]:
             _lift(view, shared[0])
         _lift(view, per_frame[k])
         view.SOPClassUID, view.SOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        if "InstanceNumber" in ds:  # the instance's, not a converted source slice's
+            view.InstanceNumber = ds.InstanceNumber
         view.NumberOfFrames = 1
         if frames is not None:
             arr = frames[k]

@@ -174,6 +174,11 @@ def evaluate(cfg: RulesConfig, series_uid: str, headers: Sequence[Dataset]) -> D
         else:
             checks.add("fat_suppression", False, "no fat-suppression evidence (Scan Options, description, sequence)")
 
+    if frame_of(first) is not None:  # a header check read an Enhanced MR's first frame: say so when it fails
+        for c in checks.items:
+            if not c["ok"] and c["check"] in ("orientation", "weighting", "fat_suppression"):
+                c["detail"] += f" ({label(first)})"
+
     if cfg.require_consistent_geometry:
         checks.add("geometry", *_geometry(headers))
 

@@ -59,6 +59,13 @@ def test_a_rule_that_fails_names_the_frame(cases, tmp_path):
     assert not decision.matched and "frame 4 of instance #1" in decision.reason and "frame 5" in decision.reason
 
 
+def test_a_header_check_that_fails_names_the_frame_it_read(tmp_path):
+    record = write_case(tmp_path / "t1", 4, rows=48, cols=48, slices=10, weighting="T1", mr_format="legacy-enhanced")
+    (decision,) = evaluate_paths(RulesConfig(description_exclude=""), [Path(record["mr"][0])])
+    assert not decision.matched
+    assert decision.reason.startswith("weighting: T1-like timing") and decision.reason.endswith("(frame 1 of instance #1)")
+
+
 def test_a_multiframe_object_that_is_not_mr_is_still_refused(cases, tmp_path):
     ds = pydicom.dcmread(cases["legacy-enhanced"]["mr"][0])
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
