@@ -123,7 +123,7 @@ def infer(
         _infer_on_ray(in_dir, out_dir, cfg, inference, ray, actors, select_all, png)
         return
     try:
-        synth = load_synthesizer(inference)
+        synth = load_synthesizer(inference, safety=cfg.safety)
     except (ModelError, ValueError, RuntimeError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)
         raise typer.Exit(3) from None
@@ -134,8 +134,15 @@ def infer(
 
 def _report(outcomes, out_dir: Path) -> None:
     for o in outcomes:
-        state = (f"FAILED: {o.error}" if o.error else f"{o.outputs} images -> {o.output_dir}") if o.selected \
-            else f"skipped: {o.reason}"
+        if not o.selected:
+            state = f"skipped: {o.reason}"
+        elif o.error:
+            state = f"FAILED: {o.error}"
+        elif o.safety.startswith("refused"):
+            state = f"REFUSED by the safety gate ({o.safety[len('refused: '):]})"
+        else:
+            score = "" if o.input_score is None else f", input score {o.input_score:.2f}"
+            state = f"{o.outputs} images -> {o.output_dir} (safety: {o.safety}{score})"
         typer.echo(f"series {o.series_uid} ({o.slices} files): {state}")
     typer.echo(f"summary: {out_dir / 'infer.json'}")
     if any(o.error for o in outcomes):
@@ -157,7 +164,7 @@ def _infer_on_ray(in_dir, out_dir, cfg, inference, address, actors, select_all, 
 
     inference = inference.model_copy(update={"backend": "ray", "ray_address": address,
                                              **({"ray_actors": actors} if actors else {})})
-    engine = RayEngine(Synthesis(inference), inference)
+    engine = RayEngine(Synthesis(inference, safety=cfg.safety), inference)
     engine.start(wait_ready=True)
     try:
         ok, detail = engine.status()

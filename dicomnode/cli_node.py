@@ -72,7 +72,8 @@ def serve(config: Path = CONFIG_OPT) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    processor = Synthesis(cfg.inference, cfg.output.uncertainty) if cfg.inference.model != "none" else None
+    processor = (Synthesis(cfg.inference, cfg.output.uncertainty, cfg.safety) if cfg.inference.model != "none"
+                 else None)
     try:
         node = Node(cfg, processor)
         node.start()
@@ -160,23 +161,42 @@ def rules_test(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="Use this config's \\[rules] section (default: built-in rules)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per series."),
+    gate: bool = typer.Option(True, "--gate/--no-gate", help="Also score each matched series with the model's "
+                              "input gate (\\[inference] model, \\[safety] input) and print the decision."),
 ) -> None:
-    """Dry-run the selection rules on files: per series, matched or not, which rule and why."""
-    from dicomnode.config import RulesConfig
-    from dicomnode.rules import evaluate_paths
+    """Dry-run the selection rules on files: per series, matched or not, which rule and why; with the
+    input gate's score and decision for each matched series."""
+    from dicomnode.config import Config
+    from dicomnode.rules import evaluate_paths, read_headers
 
-    rules = _config(config).rules if config else RulesConfig()
+    cfg = _config(config) if config else Config()
     files = _files_or_exit(paths)
-    decisions = evaluate_paths(rules, files)
+    decisions = evaluate_paths(cfg.rules, files)
     if not any(d.series_instance_uid for d in decisions):
         reasons = "; ".join(d.reason for d in decisions[:3])
         raise fail(f"no DICOM series in {', '.join(map(str, paths))} ({len(files)} file(s) read: {reasons})", 2)
+    gated: dict[str, dict] = {}
+    if gate and cfg.inference.model != "none" and any(d.matched for d in decisions):
+        from dicomnode.infer.model import ModelError
+        from dicomnode.synthesize import gate_dry_run
+
+        groups, _ = read_headers(files)
+        matched = {d.series_instance_uid for d in decisions if d.matched}
+        try:
+            gated = gate_dry_run(cfg.inference, cfg.safety, {uid: [h.filename for h in groups[uid]] for uid in matched})
+        except (ModelError, ValueError, RuntimeError) as exc:
+            raise fail(f"cannot load the model for the input gate: {exc} (--no-gate skips it)", 3) from None
     if as_json:
-        typer.echo(json.dumps([d.as_dict() for d in decisions], indent=2))
+        typer.echo(json.dumps([d.as_dict() | ({"gate": gated[d.series_instance_uid]}
+                                              if d.series_instance_uid in gated else {}) for d in decisions], indent=2))
         return
     for d in decisions:
         mark = "MATCH " if d.matched else "REJECT"
         typer.echo(f"{mark} {d.series_instance_uid or '-'} [{d.slices} slices] {d.description!r}\n       {d.reason}")
+        g = gated.get(d.series_instance_uid)
+        if g is not None:
+            score = "" if g["input_score"] is None else f"input score {g['input_score']:.2f}: "
+            typer.echo(f"       gate: {score}{g['decision']}" + (f" ({g['reason']})" if g["reason"] else ""))
 
 
 def _files_or_exit(paths: List[Path]) -> List[Path]:

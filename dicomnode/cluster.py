@@ -32,6 +32,7 @@ from dicomnode.engine import (
     EngineResult,
     InferenceCrashed,
     InferenceFailed,
+    InferenceRefused,
     InferenceRequest,
     InferenceTimeout,
     InferenceUnavailable,
@@ -235,6 +236,8 @@ class RayEngine:
                                        "restarted") from None
             except RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                if isinstance(cause, InferenceRefused):  # the safety gate
+                    raise InferenceRefused(cause.check, cause.reason, cause.score) from None
                 raise InferenceFailed(f"{type(cause).__name__}: {cause}") from None
             except RayActorError as exc:
                 if self.on_restart is not None:

@@ -329,6 +329,21 @@ class OutputConfig(Section):
     uncertainty: bool = False  # also send the K-sample SD map as its own synthetic series
 
 
+class SafetyAction(enum.StrEnum):
+    """What the node does with a series the gate finds outside the model's training data."""
+
+    REFUSE = "refuse"  # no synthetic series: the job ends 'ignored' with the score and the reason
+    FLAG = "flag"  # the series is made, marked INPUT OUTSIDE TRAINING DATA (description and banner)
+    OFF = "off"  # not checked
+
+
+class SafetyConfig(Section):
+    """The input gate and the output check (dicomnode.infer.gate), calibrated with the model."""
+
+    input: Annotated[SafetyAction, Field(strict=False)] = SafetyAction.REFUSE
+    output: Annotated[SafetyAction, Field(strict=False)] = SafetyAction.REFUSE
+
+
 class LoggingConfig(Section):
     level: str = "INFO"  # logs never carry patient names or IDs
     audit_file: FilePath | None = None  # also write the audit trail as JSON lines here (default: journal only)
@@ -353,6 +368,7 @@ class Config(Section):
     metrics: MetricsConfig = MetricsConfig()
     inference: InferenceConfig = InferenceConfig()
     output: OutputConfig = OutputConfig()
+    safety: SafetyConfig = SafetyConfig()
     logging: LoggingConfig = LoggingConfig()
     source: str = Field("<defaults>", exclude=True)
 

@@ -62,8 +62,9 @@ def _direction_letters(cosines: Sequence[float]) -> str:
     return "".join(letters)
 
 
-def burn_banner(rgb: np.ndarray, text: str = BANNER_TEXT) -> np.ndarray:
-    """Return a copy of `rgb` with `text` burned into the top-left corner, white on black.
+def burn_banner(rgb: np.ndarray, text: str = BANNER_TEXT, line: int = 0) -> np.ndarray:
+    """Return a copy of `rgb` with `text` burned into the top-left corner, white on black
+    (`line` 1 puts it below a line-0 banner of the same height).
 
     Uses PIL's built-in bitmap font scaled by an integer factor (about 6% of the image height),
     so the pixels are identical on every machine and no font file is needed.
@@ -80,7 +81,7 @@ def burn_banner(rgb: np.ndarray, text: str = BANNER_TEXT) -> np.ndarray:
     if w > cols - 4 * margin:  # tiny image: shrink below the native bitmap size, keep it legible-ish
         w, h = cols - 4 * margin, max(3, round(mask.height * (cols - 4 * margin) / mask.width))
     glyphs = np.asarray(mask.resize((w, h), Image.Resampling.NEAREST if k > 1 else Image.Resampling.BOX)) >= 96
-    y0, x0 = margin, margin
+    y0, x0 = margin + line * (int(rows * 0.06) + 3 * margin), margin
     y1, x1 = min(rows, y0 + h + 2 * margin), min(cols, x0 + w + 2 * margin)
     img[y0:y1, x0:x1] = 0
     region = img[y0 + margin:y0 + margin + h, x0 + margin:x0 + margin + w]
@@ -124,13 +125,16 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
                   software_version: str = __version__, institution_name: str | None = None,
                   institutional_department_name: str | None = None, station_name: str | None = None,
                   series_number: int | None = None, series_description: str | None = None,
-                  uid_prefix: str = PYDICOM_ROOT_UID, uid_variant: str = "", kind: str = "fusion") -> list[Dataset]:
+                  uid_prefix: str = PYDICOM_ROOT_UID, uid_variant: str = "", kind: str = "fusion",
+                  warning: str | None = None) -> list[Dataset]:
     """Encode one RGB uint8 (H, W, 3) image per ordered source slice as a Secondary Capture series.
 
     `uid_variant` goes into the UID hash: pass a digest of anything besides the model version that
     changes the pixels (sampler settings, seed) so different pictures never share a UID. `kind` is
     "fusion" (the synthetic PET/T2FS fusion) or "uncertainty" (its K-sample SD map): a series of
     its own, with its own UIDs, description, series number and texts, marked synthetic the same way.
+    `warning` (the safety gate's flag, e.g. "INPUT OUTSIDE TRAINING DATA") leads the series
+    description, is burned in under the banner, ends the image comments and changes the UIDs.
     """
     if kind not in ("fusion", "uncertainty"):
         raise ValueError(f"kind must be 'fusion' or 'uncertainty', got {kind!r}")
@@ -139,6 +143,9 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
         series_description = UNCERTAINTY_DESCRIPTION if uncertainty else SERIES_DESCRIPTION
     if uncertainty:
         uid_variant = f"{uid_variant}/uncertainty"
+    if warning:
+        series_description = f"{warning} - {'SYNTHETIC SD' if uncertainty else 'SYNTHETIC PET/T2FS'}"
+        uid_variant = f"{uid_variant}/{warning}"
     if len(sources) != len(rgb_slices) or not sources:
         raise ValueError(f"need one image per source slice, got {len(rgb_slices)} for {len(sources)}")
     _check_own_text(model_name=model_name, model_version=model_version, manufacturer=manufacturer,
@@ -168,13 +175,19 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
                       "a map of the model's uncertainty, not acquired PET")
         comments = (f"SYNTHETIC uncertainty map (K-sample SD) from {model_name} {model_version}. "
                     "Not acquired PET; not for diagnosis.")
+    if warning:
+        comments += f" {warning}."
     out: list[Dataset] = []
     for number, (src, rgb) in enumerate(zip(sources, rgb_slices), start=1):
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"image {number}: expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        if banner:
+            rgb = burn_banner(rgb, "SYNTHETIC SD" if uncertainty else BANNER_TEXT)
+            if warning:
+                rgb = burn_banner(rgb, warning, line=1)
         out.append(SyntheticFusionImage(
-            src, (burn_banner(rgb, "SYNTHETIC SD" if uncertainty else BANNER_TEXT) if banner else rgb),
+            src, rgb,
             banner=banner, series_instance_uid=new_series,
             series_number=series_number, instance_number=number,
             sop_instance_uid=instance_uid(_source_key(src), model_name, model_version, uid_variant, uid_prefix),

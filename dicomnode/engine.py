@@ -3,20 +3,22 @@
 Two engines implement it: `dicomnode.localengine.InferenceProcess` (one child process on this
 machine) and `dicomnode.cluster.RayEngine` (a pool of Ray actors). The process stage
 (`dicomnode.process.ProcessStage`) sees only this module: an `InferenceRequest` in (ids and
-paths, never pixel data), an `EngineResult` out, and one of the four exceptions below, which
+paths, never pixel data), an `EngineResult` out, and one of the five exceptions below, which
 decide what happens to the job. Nothing here imports torch or Ray.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, TypedDict, Union
 
 from pydicom import Dataset
 
-from dicomnode.config import InferenceConfig
-from dicomnode.records import CompleteSeries, Processor, ProcessResult
+from dicomnode.config import InferenceConfig, SafetyConfig
+
+# InferenceRefused: a processor raises it, so it lives with the Processor contract; it is the fifth exception here.
+from dicomnode.records import CompleteSeries, InferenceRefused, Processor, ProcessResult  # noqa: F401
 
 
 class InferenceFailed(RuntimeError):
@@ -82,7 +84,7 @@ class Engine(Protocol):
         reconnect, in the background."""
 
     def run(self, request: InferenceRequest, timeout: float) -> EngineResult:
-        """Run one job with a watchdog of `timeout` seconds; raise one of the four exceptions."""
+        """Run one job with a watchdog of `timeout` seconds; raise one of the five exceptions."""
 
     def stop(self) -> None:
         """Stop the worker(s); a job in flight ends with InferenceUnavailable or InferenceCrashed."""
@@ -95,6 +97,7 @@ class Synthesis:
 
     inference: InferenceConfig
     uncertainty: bool = False  # [output] uncertainty
+    safety: SafetyConfig = field(default_factory=SafetyConfig)  # [safety]: the input gate and the output check
 
     def using_model(self, folder: Path | str) -> Synthesis:
         """The same recipe with the model loaded from `folder` (a Ray actor's copy of the model)."""
@@ -103,7 +106,7 @@ class Synthesis:
     def __call__(self) -> Processor:
         from dicomnode.synthesize import load_synthesizer
 
-        synthesizer = load_synthesizer(self.inference, uncertainty=self.uncertainty)
+        synthesizer = load_synthesizer(self.inference, uncertainty=self.uncertainty, safety=self.safety)
         synthesizer.warm_up()  # one-off kernel and allocator set-up happens now, not in the first job
         return synthesizer
 

@@ -50,7 +50,8 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     S.RECEIVED: {S.COMPLETE},
     S.COMPLETE: {S.SELECTED, S.IGNORED, S.FAILED},
     S.SELECTED: {S.PROCESSING, S.FAILED},
-    S.PROCESSING: {S.ENCODED, S.FAILED, S.SELECTED},  # selected: recovered after a crash, or retried
+    S.PROCESSING: {S.ENCODED, S.FAILED, S.SELECTED, S.IGNORED},  # selected: recovered or retried; ignored: the
+    # safety gate refused the series
     S.ENCODED: {S.SENDING, S.DONE},
     S.SENDING: {S.DONE, S.DEAD_LETTER},
     S.DONE: set(),

@@ -25,6 +25,7 @@ from dicomnode.engine import (
     EngineResult,
     InferenceCrashed,
     InferenceFailed,
+    InferenceRefused,
     InferenceRequest,
     InferenceTimeout,
     ProcessorSpec,
@@ -89,6 +90,8 @@ def _child_main(conn: Connection, processor_spec: ProcessorSpec) -> None:
             return
         try:
             conn.send(("done", _run(processor, request)))
+        except InferenceRefused as exc:  # the safety gate: not a failure of the job
+            conn.send(("refused", exc.check, exc.reason, exc.score))
         except Exception as exc:  # one bad series fails its job; the process goes on
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
 
@@ -200,7 +203,8 @@ class InferenceProcess:
         log.info("inference process %s ready (%s on %s)", payload["pid"], payload["name"], payload["device"])
 
     def run(self, request: InferenceRequest, timeout: float) -> EngineResult:
-        """Run one job; raise InferenceFailed / InferenceCrashed / InferenceTimeout with the reason."""
+        """Run one job; raise InferenceFailed / InferenceRefused / InferenceCrashed / InferenceTimeout with
+        the reason."""
         if self._proc is None or not self._proc.is_alive():
             self._reap()
             self.start(wait_ready=False)
@@ -230,6 +234,8 @@ class InferenceProcess:
                 continue
             if kind == "done":
                 return payload[0]
+            if kind == "refused":
+                raise InferenceRefused(*payload)
             raise InferenceFailed(payload[0])
 
     def _receive(self, deadline: float, *, what: str, timeout_s: float | None = None) -> tuple:

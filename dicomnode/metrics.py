@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from dicomnode.spool import Spool
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2, 3, 5, 10)
 
 
 class _JournalCollector:
@@ -66,6 +67,10 @@ class Metrics:
         self.destination_reachable = Gauge("dicomnode_destination_reachable", "0 while dispatch holds a destination "
                                            "it could not reach (its deliveries wait), else 1", ["destination"],
                                            registry=r)
+        self.input_score = Histogram("dicomnode_input_score", "The safety gate's input score per series (above 1: "
+                                     "outside the model's training data)", registry=r, buckets=SCORE_BUCKETS)
+        self.safety = Counter("dicomnode_safety_series", "Series the safety gate flagged or refused, by check "
+                              "(input, output) and action (flagged, refused)", ["check", "action"], registry=r)
         self.up = Gauge("dicomnode_up", "1 while the node is serving", registry=r)
         if journal is not None and spool is not None:
             r.register(_JournalCollector(journal, spool))
@@ -74,3 +79,12 @@ class Metrics:
         result = "success" if status == 0 else f"0x{status:04X}"
         self.instances.labels(result).inc()
         self.store_seconds.observe(seconds)
+
+    def observe_safety(self, metrics: dict[str, float]) -> None:
+        """A job's safety outcome (its `input_score`, `input_flagged`, `output_refused`, ...)."""
+        if "input_score" in metrics:
+            self.input_score.observe(metrics["input_score"])
+        for check in ("input", "output"):
+            for action in ("flagged", "refused"):
+                if metrics.get(f"{check}_{action}"):
+                    self.safety.labels(check, action).inc()

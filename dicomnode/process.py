@@ -10,7 +10,15 @@ import sqlite3
 import time
 
 from dicomnode.config import InferenceConfig
-from dicomnode.engine import Engine, InferenceCrashed, InferenceFailed, InferenceRequest, InferenceTimeout, InferenceUnavailable
+from dicomnode.engine import (
+    Engine,
+    InferenceCrashed,
+    InferenceFailed,
+    InferenceRefused,
+    InferenceRequest,
+    InferenceTimeout,
+    InferenceUnavailable,
+)
 from dicomnode.journal import Job, JobState, Journal
 from dicomnode.spool import Spool
 
@@ -75,7 +83,7 @@ class ProcessStage:
             return False
 
     def process(self, job: Job) -> JobState:
-        """Process a selected job; return its new state (sending, done, selected, encoded or failed)."""
+        """Process a selected job; return its new state (sending, done, selected, encoded, ignored or failed)."""
         job = self.journal.transition(job.id, JobState.PROCESSING, expect=JobState.SELECTED)
         timings = dict(job.timings)
         started = time.perf_counter()
@@ -97,6 +105,8 @@ class ProcessStage:
                 self._record(job.id, JobState.SELECTED, attempts=job.attempts + 1, error=str(exc)[:2000])
                 return JobState.SELECTED
             return self._fail(job, str(exc), timings)
+        except InferenceRefused as exc:
+            return self._refuse(job, exc, timings)
         except (InferenceFailed, InferenceTimeout) as exc:
             return self._fail(job, str(exc), timings)
         except Exception as exc:  # anything else on the node's side: the job must not stay 'processing'
@@ -113,6 +123,7 @@ class ProcessStage:
         if self.metrics:
             for stage, seconds in timings.items():
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
+            self.metrics.observe_safety(result["metrics"])
         try:
             state = self.journal.start_deliveries(job.id, self.destinations)
         except sqlite3.OperationalError as exc:
@@ -120,6 +131,16 @@ class ProcessStage:
             return JobState.ENCODED
         log.info("job %d: %d derived instances written in %.2f s", job.id, result["outputs"], timings["process_total"])
         return state
+
+    def _refuse(self, job: Job, exc: InferenceRefused, timings: dict) -> JobState:
+        """The safety gate refused the series: the job ends 'ignored' with the reason (audit trail)."""
+        log.warning("job %d: not synthesised: %s", job.id, exc.reason)
+        self._record(job.id, JobState.IGNORED, reason=exc.reason[:2000], timings=timings)
+        if self.metrics:
+            self.metrics.observe_safety({f"{exc.check}_refused": 1.0,
+                                         **({"input_score": exc.score} if exc.score is not None else {})})
+            self.metrics.jobs_finished.labels(JobState.IGNORED).inc()
+        return JobState.IGNORED
 
     def _fail(self, job: Job, reason: str, timings: dict) -> JobState:
         log.error("job %d: processing failed: %s", job.id, reason)

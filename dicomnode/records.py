@@ -19,6 +19,18 @@ class CompleteSeries:
     paths: tuple[Path, ...]
 
 
+class InferenceRefused(RuntimeError):
+    """The safety gate refused the series ([safety] refuse): its input lies outside the model's
+    training data, or the output failed its check. The job ends 'ignored' with the reason."""
+
+    def __init__(self, check: str, reason: str, score: float | None = None):
+        super().__init__(check, reason, score)
+        self.check, self.reason, self.score = check, reason, score
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 @dataclass
 class ProcessResult:
     """What a processing stage returns: derived datasets plus per-stage timings in seconds."""

@@ -22,17 +22,19 @@ import numpy as np
 import torch
 from pydicom import Dataset
 
-from dicomnode.config import DEVICE_RE, InferenceConfig
+from dicomnode.config import DEVICE_RE, InferenceConfig, SafetyAction, SafetyConfig
 from dicomnode.encode import encode_series, uncertainty_image
 from dicomnode.infer import heap
+from dicomnode.infer.gate import Gate, load_gate
 from dicomnode.infer.model import FusionModel, ModelError, load_model
 from dicomnode.infer.preprocess import outputs_to_rgb, prepare_series
 from dicomnode.modelpath import DEFAULT_MODEL, model_search_path, resolve_model  # noqa: F401 (re-exported)
-from dicomnode.records import CompleteSeries, ProcessResult
+from dicomnode.records import CompleteSeries, InferenceRefused, ProcessResult
 
 log = logging.getLogger("dicomnode.infer")
 
 FAST_SAMPLERS = ("ddim", "dpmpp2m")
+WARNINGS = {"input": "INPUT OUTSIDE TRAINING DATA", "output": "OUTPUT CHECK FAILED"}
 
 
 class DeviceError(ValueError):
@@ -77,8 +79,10 @@ class Synthesizer:
     """The Processor of the node: prepare -> translate -> back to the source grid -> encode."""
 
     def __init__(self, model: FusionModel, settings: Settings, *, model_name: str, banner: bool = True,
-                 encode_options: dict | None = None, uncertainty: bool = False):
+                 encode_options: dict | None = None, uncertainty: bool = False, gate: Gate | None = None,
+                 safety: SafetyConfig | None = None):
         self.model, self.settings, self.banner = model, settings, banner
+        self.gate, self.safety = gate, safety or SafetyConfig(input=SafetyAction.OFF, output=SafetyAction.OFF)
         self.uncertainty = uncertainty  # also encode the K-sample SD as a series of its own
         self.model_name, self.name = model_name, f"{model_name} {model.version}"
         self.encode_options = encode_options or {}
@@ -137,10 +141,18 @@ class Synthesizer:
                 heap.trim()  # the freed activations were kept for reuse during the job
 
     def _process(self, datasets) -> ProcessResult:
-        t = {}
+        t, m = {}, {}
         t0 = time.perf_counter()
         prepared = prepare_series(datasets)
         t["preprocess"] = time.perf_counter() - t0
+        flags = []
+        if self.gate is not None and self.safety.input != SafetyAction.OFF:
+            t0 = time.perf_counter()
+            score = self.gate.score(self.model.generator, prepared.batch)
+            t["input_gate"] = time.perf_counter() - t0
+            m["input_score"] = score.score
+            if not score.passed:
+                flags.append(self._judge("input", score.reason(), self.safety.input, m, score.score))
         t0 = time.perf_counter()
         outputs, sd = self.translate_with_sd(prepared.batch)
         if self.device.type == "cuda":
@@ -148,23 +160,39 @@ class Synthesizer:
         t["infer"] = time.perf_counter() - t0
         if not np.isfinite(outputs).all():
             raise FloatingPointError("the model produced non-finite values")
+        if self.gate is not None and self.safety.output != SafetyAction.OFF:
+            t0 = time.perf_counter()
+            check = self.gate.check_output(outputs, prepared.batch)
+            t["output_check"] = time.perf_counter() - t0
+            if not check.passed:
+                flags.append(self._judge("output", check.reason(), self.safety.output, m, m.get("input_score")))
         t0 = time.perf_counter()
         rgb = outputs_to_rgb(prepared, outputs)
         t["postprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         variant = output_variant(self.settings, prepared.datasets)
+        warning = " / ".join(WARNINGS[f] for f in flags) or None
         out = encode_series(prepared.datasets, rgb, model_name=self.model_name, model_version=self.model.version,
-                            banner=self.banner, uid_variant=variant, **self.encode_options)
+                            banner=self.banner, uid_variant=variant, warning=warning, **self.encode_options)
         if self.uncertainty and sd is not None:
             # SD in [-1, 1] units -> display levels of the 8-bit fusion, on each slice's own grid
             maps = [uncertainty_image(placement.from_grid(grid) * 127.5)
                     for placement, grid in zip(prepared.placements, sd)]
             out += encode_series(prepared.datasets, maps, model_name=self.model_name,
                                  model_version=self.model.version, banner=self.banner, uid_variant=variant,
-                                 kind="uncertainty", **self.encode_options)
+                                 kind="uncertainty", warning=warning, **self.encode_options)
         t["encode"] = time.perf_counter() - t0
         n = len(prepared)
-        return ProcessResult(out, t, {"slices": float(n), "infer_seconds_per_slice": t["infer"] / n})
+        return ProcessResult(out, t, {"slices": float(n), "infer_seconds_per_slice": t["infer"] / n, **m})
+
+    @staticmethod
+    def _judge(check: str, reason: str, action: SafetyAction, metrics: dict, score: float | None = None) -> str:
+        """Refuse (raise) or flag (log, count, return the check's name) a series that failed a check."""
+        if action == SafetyAction.REFUSE:
+            raise InferenceRefused(check, reason, score)
+        log.warning("flagged: %s", reason)
+        metrics[f"{check}_flagged"] = 1.0
+        return check
 
 
 def output_variant(settings: Settings, sources: Sequence[Dataset]) -> str:
@@ -197,7 +225,8 @@ def settings_from(cfg: InferenceConfig, model: FusionModel) -> Settings:
                     seed=int(cfg.seed), batch_size=int(cfg.batch_size), samples=int(pick(cfg.samples, "samples")))
 
 
-def load_synthesizer(cfg: InferenceConfig, uncertainty: bool = False, **encode_options) -> Synthesizer:
+def load_synthesizer(cfg: InferenceConfig, uncertainty: bool = False, safety: SafetyConfig | None = None,
+                     **encode_options) -> Synthesizer:
     """Resolve, verify and load the model once (warm), on the configured device."""
     path = resolve_model(cfg.model)
     device = pick_device(cfg.device)
@@ -212,8 +241,33 @@ def load_synthesizer(cfg: InferenceConfig, uncertainty: bool = False, **encode_o
     if uncertainty and settings.samples < 2:
         raise ModelError(f"[output] uncertainty needs at least 2 samples per slice; the model card and [inference] "
                          f"give {settings.samples} (set [inference] samples = 4)")
+    gate = load_gate(path, model.card)
+    if gate is None and safety is not None and (safety.input, safety.output) != (SafetyAction.OFF,) * 2:
+        log.warning("model %s has no calibrated safety gate: [safety] checks nothing until it is calibrated "
+                    "(python -m training calibrate-gate)", name)
     synth = Synthesizer(model, settings, model_name=name, banner=cfg.banner, encode_options=encode_options,
-                        uncertainty=uncertainty)
+                        uncertainty=uncertainty, gate=gate, safety=safety)
     log.info("model %s %s loaded from %s on %s in %.1f s (%s, %d steps, strength %.2f)", name, model.version, path,
              device, time.perf_counter() - t0, synth.settings.sampler, synth.settings.steps, synth.settings.strength)
     return synth
+
+
+def gate_dry_run(cfg: InferenceConfig, safety: SafetyConfig, series: dict[str, list]) -> dict[str, dict]:
+    """`rules test`: the input gate on each series (uid -> its files) without synthesising: per series
+    {"input_score", "decision", "reason"}; decision is pass, refuse, flag, off or not calibrated."""
+    path = resolve_model(cfg.model)
+    model = load_model(path, "cpu")
+    gate = load_gate(path, model.card)
+    out: dict[str, dict] = {}
+    for uid, files in series.items():
+        if gate is None or safety.input == SafetyAction.OFF:
+            out[uid] = {"input_score": None, "decision": "not calibrated" if gate is None else "off", "reason": ""}
+            continue
+        try:
+            score = gate.score(model.generator, prepare_series(files).batch)
+        except ValueError as exc:  # a series the node could not prepare either
+            out[uid] = {"input_score": None, "decision": "unreadable", "reason": str(exc)}
+            continue
+        out[uid] = {"input_score": score.score, "decision": "pass" if score.passed else str(safety.input),
+                    "reason": "" if score.passed else score.reason()}
+    return out

@@ -52,6 +52,7 @@ def exposition(tmp_path) -> dict[str, set[str]]:
     m.deliveries.labels("pacs", "success").inc()
     m.destination_reachable.labels("pacs").set(1)
     m.jobs_finished.labels("done").inc()
+    m.observe_safety({"input_score": 1.5, "input_flagged": 1.0})
     m.up.set(1)
     out: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(generate_latest(m.registry).decode()):

@@ -99,7 +99,7 @@ def test_prometheus_scrapes_serve_evaluates_the_rules_and_runs_the_dashboard_que
             time.sleep(0.5)
         assert {r["name"] for r in rules} == {"DicomnodeDown", "DicomnodeSpoolLow", "DicomnodeDeadLetter",
                                               "DicomnodeJobsFailed", "DicomnodeBacklog",
-                                              "DicomnodeDestinationUnreachable"}
+                                              "DicomnodeDestinationUnreachable", "DicomnodeInputDrift"}
         assert all(r["health"] == "ok" for r in rules), rules
         assert [r["name"] for r in rules if r["state"] != "inactive"] == []
     finally:

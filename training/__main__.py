@@ -15,8 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("training.select", "choose a Pix2Pix snapshot on the validation split (PSNR, SSIM, hot uptake)"),
     "cddpm": ("training.cddpm", "train the cDDPM refiner and export the model directory"),
     "finish": ("training.finish", "choose the output's PET smoothing and black level on the validation split (card `output`)"),
+    "calibrate-gate": ("training.calibrate", "calibrate a model folder's input gate and output check (card `gate`)"),
     "finetune": ("training.finetune", "fine-tune a model folder on a site's data set: generator, then cDDPM, then the card"),
     "evaluate": ("training.evaluate", "PSNR/SSIM/MAE/MSE, uptake tertiles, ablation, comparison figure"),
+    "reader-study": ("training.reader.cli", "a blinded reader study of real against synthetic fusions, in the browser"),
     "compare": ("training.compare", "two or more models side by side, paired bootstrap 95 % intervals by patient"),
 }
 

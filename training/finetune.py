@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dicomnode.infer.model import read_card, write_card
+
+log = logging.getLogger(__name__)
 
 
 # The small-data recipe: a tenth of the from-scratch learning rates, decayed linearly to zero from
@@ -92,8 +95,26 @@ def finetune(init: str | Path, data: str | Path, out: str | Path, *, pix2pix_ste
     card["limitations"] = (str(start.get("limitations", "")) + " Fine-tuned at a site from "
                            f"{start.get('version')}: compare it with the starting model on the site's own "
                            "test patients before use (python -m training compare).").strip()
+    card.pop("gate", None)  # the starting model's gate measured the starting generator
     write_card(model, card)
-    return {"model_dir": str(model), "version": card["version"], "pix2pix": p2p, "cddpm": ddpm}
+    gate = _calibrate_gate(model, data, threads)
+    return {"model_dir": str(model), "version": card["version"], "pix2pix": p2p, "cddpm": ddpm, "gate": gate}
+
+
+def _calibrate_gate(model: Path, data: str | Path, threads: int | None) -> str:
+    """The new generator's input gate and the output check, from the site's own train and val splits."""
+    from training.calibrate import calibrate
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        block = calibrate(model, data, command=f"python -m training calibrate-gate --model {model} --data {data}")
+    except ValueError as exc:  # too few series for a calibration: the node then checks nothing
+        log.warning("the safety gate is not calibrated: %s", exc)
+        return f"not calibrated: {exc}"
+    return f"calibrated on {block['data']['train_series']} training series"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

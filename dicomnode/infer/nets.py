@@ -103,6 +103,23 @@ class UnetGenerator(nn.Module):
     def forward(self, mr):
         return self.model(mr)
 
+    def encoder_features(self, mr: torch.Tensor, levels: int = 5) -> torch.Tensor:
+        """(B, F): the per-channel mean and SD of the first `levels` contracting levels' activations
+        (outermost first), the generator's own description of the slice it is shown (the input gate)."""
+        pooled: list[torch.Tensor] = []
+        block: UnetSkipBlock | None = self.model
+        h = mr
+        while block is not None and len(pooled) < 2 * levels:
+            layers = block.model
+            if block.outermost:  # [down, sub, ...]
+                h, block = layers[0](h), cast(UnetSkipBlock, layers[1])
+            elif isinstance(layers[3], UnetSkipBlock):  # [LeakyReLU, down, norm, sub, ...]
+                h, block = layers[2](layers[1](F.leaky_relu(h, 0.2))), layers[3]
+            else:  # innermost: [LeakyReLU, down, ...]
+                h, block = layers[1](F.leaky_relu(h, 0.2)), None
+            pooled += [h.mean((2, 3)), h.std((2, 3))]
+        return torch.cat(pooled, 1)
+
 
 class PatchDiscriminator(nn.Module):
     """70x70 PatchGAN (3 layers) on concat(MR, RGB): one real/fake score per receptive field."""

@@ -19,6 +19,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 
 from dicomnode.config import RulesConfig
+from dicomnode.engine import InferenceRefused
 from dicomnode.records import CompleteSeries
 from dicomnode.rules import evaluate, read_headers
 from dicomnode.scu import collect_files
@@ -40,6 +41,17 @@ class SeriesOutcome:
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     previews: list[str] = field(default_factory=list)
+    input_score: float | None = None  # the safety gate's score (None: not checked)
+    safety: str = "not checked"  # passed | flagged: ... | refused: ... | not checked
+
+    def record_safety(self, metrics: dict) -> None:
+        self.input_score = metrics.get("input_score")
+        flagged = [c for c in ("input", "output") if metrics.get(f"{c}_flagged")]
+        self.safety = (f"flagged ({', '.join(flagged)})" if flagged else
+                       "passed" if "input_score" in metrics else "not checked")
+
+    def refused(self, exc) -> None:
+        self.input_score, self.safety = exc.score, f"refused: {exc.reason}"
 
 
 def mr_to_uint8(volume: np.ndarray) -> np.ndarray:
@@ -133,8 +145,11 @@ def _one_series(outcome: SeriesOutcome, paths: list[Path], out_dir: Path, synthe
             write_dataset(target / f"{check_uid(ds.SOPInstanceUID, 'output SOP Instance UID')}.dcm", ds)
         outcome.output_dir, outcome.outputs = str(target), len(result.datasets)
         outcome.timings = {k: round(v, 4) for k, v in result.timings.items()}
+        outcome.record_safety(result.metrics)
         if png:
             outcome.previews = [str(p) for p in write_previews(sources, result.datasets, target / "preview")]
+    except InferenceRefused as exc:
+        outcome.refused(exc)
     except Exception as exc:  # one bad series must not stop the others
         outcome.error = f"{type(exc).__name__}: {exc}"
         log.error("series %s failed: %s", outcome.series_uid, outcome.error)
@@ -205,6 +220,9 @@ def run_infer_cluster(in_dir: Path, out_dir: Path, engine, *, rules: RulesConfig
             staging.replace(target)
             outcome.output_dir, outcome.outputs = str(target), result["outputs"]
             outcome.timings = {k: round(v, 4) for k, v in result["timings"].items()}
+            outcome.record_safety(result["metrics"])
+        except InferenceRefused as exc:
+            outcome.refused(exc)
         except Exception as exc:  # one bad series must not stop the others
             outcome.error = f"{type(exc).__name__}: {exc}"
             log.error("series %s failed: %s", outcome.series_uid, outcome.error)
