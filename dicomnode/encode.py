@@ -143,8 +143,10 @@ def encode_series(sources: Sequence[Dataset], rgb_slices: Sequence[np.ndarray], 
         series_description = UNCERTAINTY_DESCRIPTION if uncertainty else SERIES_DESCRIPTION
     if uncertainty:
         uid_variant = f"{uid_variant}/uncertainty"
-    if warning:
+    if warning:  # "SYNTHETIC" stays in the description whatever the warning's length
         series_description = f"{warning} - {'SYNTHETIC SD' if uncertainty else 'SYNTHETIC PET/T2FS'}"
+        if len(series_description) > 64:
+            series_description = f"{warning[:52]} - SYNTHETIC"
         uid_variant = f"{uid_variant}/{warning}"
     if len(sources) != len(rgb_slices) or not sources:
         raise ValueError(f"need one image per source slice, got {len(rgb_slices)} for {len(sources)}")

@@ -145,6 +145,21 @@ def test_banner_off_keeps_pixels_exact_and_on_marks_corner(tmp_path):
     assert tiny.shape == (24, 20, 3) and (tiny == 255).any()
 
 
+def test_a_flagged_series_says_so_and_is_a_series_of_its_own():
+    sources = make_series(2, rows=320, cols=320)
+    rgb = rgb_like(sources)
+    plain = encode_series(sources, rgb, **MODEL)
+    both = "INPUT OUTSIDE TRAINING DATA / OUTPUT CHECK FAILED"  # the synthesiser's text when both checks flag
+    for warning in ("INPUT OUTSIDE TRAINING DATA", both):
+        out = encode_series(sources, rgb, warning=warning, **MODEL)
+        assert out[0].SeriesDescription.startswith(warning) and "SYNTHETIC" in out[0].SeriesDescription
+        assert len(out[0].SeriesDescription) <= 64 and out[0].ImageComments.endswith(f"{warning}.")
+        assert out[0].SeriesInstanceUID != plain[0].SeriesInstanceUID
+        banner = np.any(out[0].pixel_array != burn_banner(rgb[0]), axis=-1)  # a second line under the banner
+        rows = np.argwhere(banner)[:, 0]
+        assert rows.size and rows.min() > np.argwhere(np.any(burn_banner(rgb[0]) != rgb[0], -1))[:, 0].max()
+
+
 def test_resized_output_drops_source_grid(tmp_path):
     sources = make_series(2, rows=64, cols=48, spacing=(0.5, 1.0))
     rgb = [np.zeros((128, 96, 3), np.uint8)] * 2
