@@ -332,6 +332,9 @@ def test_two_readers_in_chromium_and_the_report_by_hand(source, tmp_path):
         reps = [s for s in stored if s[6] and (name is None or s[0] == name)]
         assert got["consistency"]["k"] == sum(firsts[(s[0], s[5])] == s[2] for s in reps)
         assert got["consistency"]["n"] == (4 if name is None else 2)
+        on_lesion = [s for s in mine if truth[s[5]]["stratum"] != "none"]
+        assert got["by_lesion"]["lesion"]["k"] == sum(s[2] == truth[s[5]]["truth"] for s in on_lesion)
+        assert got["by_lesion"]["lesion"]["n"] + got["by_lesion"]["no lesion"]["n"] == len(mine)
         lesion = [s for s in syn if truth[s[5]]["stratum"] != "none"]
         assert got["uptake_question"]["synthetic"]["sensitivity"]["k"] == sum(s[4] == "yes" for s in lesion)
     calls = {(s[0], s[5]): s[2] == "synthetic" for s in first}

@@ -68,7 +68,10 @@ def summary(answers: list[dict]) -> dict:
            "specificity_synthetic": proportion(sum(a["answer"] == "real" for a in real), len(real)),
            "auc": auc(first),
            "by_stratum": {s: proportion(sum(a["answer"] == a["truth"] for a in first if a["stratum"] == s),
-                                        sum(a["stratum"] == s for a in first)) for s in STRATA}}
+                                        sum(a["stratum"] == s for a in first)) for s in STRATA},
+           "by_lesion": {k: proportion(sum(a["answer"] == a["truth"] for a in first if (a["stratum"] != "none") == les),
+                                       sum((a["stratum"] != "none") == les for a in first))
+                         for k, les in (("lesion", True), ("no lesion", False))}}
     firsts = {(a["reader"], a["file"]): a for a in first}
     pairs = [(firsts[(a["reader"], a["file"])], a) for a in answers if a["repeat"] and (a["reader"], a["file"]) in firsts]
     out["consistency"] = proportion(sum(x["answer"] == y["answer"] for x, y in pairs), len(pairs))
@@ -135,6 +138,7 @@ def markdown(r: dict) -> str:
     lines += ["", f"Fleiss' kappa between readers: {'-' if k is None else f'{k:.3f}'}.", "",
               "## Accuracy by stratum (pooled)", "", "| stratum | accuracy |", "|---|---|"]
     lines += [f"| {s} | {_pct(p)} |" for s, p in r["pooled"]["by_stratum"].items()]
+    lines += [f"| {s} (all) | {_pct(p)} |" for s, p in r["pooled"]["by_lesion"].items()]
     if "uptake_question" in r["pooled"]:
         lines += ["", "## Uptake at a disc or vertebra (pooled)", "", "| shown | sensitivity | specificity |",
                   "|---|---|---|"]
