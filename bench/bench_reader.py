@@ -45,6 +45,14 @@ def _wait(url: str, proc: subprocess.Popen) -> None:
             time.sleep(0.1)
 
 
+def serve(study: Path, port: int) -> subprocess.Popen:
+    """`python -m training reader-study serve` for `study` on loopback port `port`, once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "training", "reader-study", "serve", "--study", str(study),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    _wait(f"http://127.0.0.1:{port}/reader.css", proc)
+    return proc
+
+
 def _timed(req) -> float:
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -70,13 +78,11 @@ def main() -> None:
         print(f"created {a.items} items in {time.perf_counter() - t0:.1f} s")
     token = json.loads((a.work / "tokens.json").read_text())["bench"]
     ours, peer = _port(), _port()
-    server = subprocess.Popen([sys.executable, "-m", "training", "reader-study", "serve", "--study", str(study),
-                               "--port", str(ours)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    server = serve(study, ours)
     static = subprocess.Popen([sys.executable, "-m", "http.server", str(peer), "--bind", "127.0.0.1", "--directory",
                                str(study / "images")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{ours}/r/{token}"
     try:
-        _wait(f"{base}/state", server)
         _wait(f"http://127.0.0.1:{peer}/", static)
         db = sqlite3.connect(study / "study.sqlite")
         files = dict(db.execute("SELECT w.position, i.file FROM worklist w JOIN items i ON i.id = w.item_id"))

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -33,8 +31,9 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # the training code; bench_reader
 
+from bench_reader import _port, serve  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
 from training.reader.report import report  # noqa: E402
@@ -51,12 +50,6 @@ def statistics(png: bytes) -> dict[str, float]:
 
 
 SIDES = {"pet_share": "above", "fine_texture": "below"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> bytes:
@@ -77,20 +70,10 @@ def main() -> None:
         create(a.data, a.model, study, key, items=a.items, readers=["nobody"], seed=5, split="test")
     tokens = {name: add_reader(study, f"observer-{name}-{time.time_ns()}", repeats=0, seed=9) for name in SIDES}
     port = _port()
-    server = subprocess.Popen([sys.executable, "-m", "training", "reader-study", "serve", "--study", str(study),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    server = serve(study, port)
     truth = {k: v["truth"] for k, v in json.loads(key.read_text())["items"].items()}
     seen: dict[str, list[float]] = {}
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                _get(f"http://127.0.0.1:{port}/reader.css")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    sys.exit("server did not start")
-                time.sleep(0.1)
         for name, token in tokens.items():
             base = f"http://127.0.0.1:{port}/r/{token}"
             total = json.loads(_get(f"{base}/state"))["total"]
