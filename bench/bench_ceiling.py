@@ -39,8 +39,21 @@ For studies with a lesion, each prediction is also scored inside the lesion mask
 than in the real fusion). This asks the clinical question the whole-image PSNR hides: does the
 synthetic image show uptake where the infection is?
 
-    python bench/bench_ceiling.py --cases 100 --seed 11 --manifest DATA/manifest.json --split test \
-        --draws 16 --model models/t2fs2petfusion
+A model observer answers the clinical question per study, as a reader would ("uptake at a disc or
+vertebra: yes / no"), on the real fusion and on every prediction. It reads the PET colour of each
+pixel (the fusion minus the grey of the no-PET fusion, over the opacity) inside the phantom's
+vertebral bodies and discs (`Simulated.spine_mask`, on the grid, eroded by 2 pixels) and scores the
+study by one of OBSERVER_DESIGNS. On a validation run (no --observer) the design is chosen by the
+real fusions' ROC AUC for lesion presence, and each source's threshold by Youden's J on its own
+scores; `--out` saves both. A cohort run given that file (`--observer VAL.json`) applies them
+unchanged and reports, per source, `*_lesion_auc`, and sensitivity and specificity at the real
+fusions' threshold (`*_lesion_sensitivity`, `*_lesion_specificity`: a reader's eye trained on
+real PET reading synthetic images) and at the source's own (`*_own`).
+
+    python bench/bench_ceiling.py --cases 400 --seed 12 --split-seed 0 --split val \
+        --draws 16 --model models/t2fs2petfusion --out val.json
+    python bench/bench_ceiling.py --cases 40 --seed 2027 --draws 16 --model models/t2fs2petfusion \
+        --observer val.json
 """
 
 from __future__ import annotations
@@ -59,10 +72,13 @@ from scipy import ndimage
 from dicomnode.infer.grid import GridPlacement, normalize_series
 from dicomnode.infer.model import load_model, read_card, write_card
 from dicomnode.tools import imagemetrics
-from dicomnode.tools.fusion import render_fusion
+from dicomnode.tools.fusion import OPACITY, render_fusion
 from dicomnode.tools.phantom.anatomy import Anatomy, Lesion, paint_case
 from dicomnode.tools.phantom.generate import plan_cases, scene, simulate
 from dicomnode.tools.phantom.uptake import pet_acquire
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the training code (its patient-level split)
+from training.data import split_patients  # noqa: E402
 
 
 def _grid_unit(place: GridPlacement, rgb: np.ndarray) -> torch.Tensor:
@@ -180,9 +196,97 @@ def lesion_scores(real: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) ->
     return psnr, bias
 
 
+OBSERVER_DESIGNS = {
+    "p99": "the 99th percentile of the PET colour over all spine pixels of the study",
+    "contrast": "that 99th percentile minus the (lower) median: uptake above the study's own marrow",
+    "peak": "the highest per-slice 99th percentile (slices with >= 64 spine pixels)",
+}
+
+
+def spine_grid(sim, place: GridPlacement, erode: int = 2) -> torch.Tensor:
+    """The phantom's vertebral bodies and discs on the grid (S, G, G), eroded by `erode` pixels so
+    that the observer does not read the PET spilling in from the tissue around them."""
+    m = np.stack([place.to_grid(k.astype(np.float32), fill=0.0) > 0.5 for k in sim.spine_mask])
+    if erode:
+        m = ndimage.binary_erosion(m, structure=np.ones((1, 3, 3), bool), iterations=erode)
+    return torch.from_numpy(m)
+
+
+def pet_colour(fusion: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+    """Per pixel (S, G, G) in [0, 1]: the PET colour of fusions (S, 3, G, G) in [0, 1], given the
+    same fusions without PET (`grey`: (1 - opacity) x the windowed T2)."""
+    return ((fusion.float() - grey.float()) / OPACITY).clamp(0, 1).mean(1)
+
+
+def observer_scores(pet: torch.Tensor, spine: torch.Tensor) -> dict[str, float]:
+    """One study's scores under each of OBSERVER_DESIGNS (0 when no spine is in view)."""
+    inside = pet[spine].double()
+    if inside.numel() == 0:
+        return dict.fromkeys(OBSERVER_DESIGNS, 0.0)
+    p99 = float(torch.quantile(inside, 0.99))
+    slices = [torch.quantile(p[m].double(), 0.99) for p, m in zip(pet, spine) if int(m.sum()) >= 64]
+    return {"p99": p99, "contrast": p99 - float(inside.median()),
+            "peak": float(max(slices)) if slices else p99}
+
+
+def roc_auc(scores: list[float], labels: list[bool]) -> float | None:
+    """ROC AUC (Mann-Whitney, ties count half); None without both classes."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def youden_threshold(scores: list[float], labels: list[bool]) -> float:
+    """The threshold t (positive: score >= t) with the highest sensitivity + specificity, among the
+    midpoints between consecutive distinct scores; on a tie the lowest (the more sensitive)."""
+    v = sorted(set(scores))
+    cuts = [v[0] - 1.0] + [(a + b) / 2 for a, b in zip(v, v[1:])] + [v[-1] + 1.0]
+    return max(cuts, key=lambda t: (sum(sens_spec(scores, labels, t)), -t))
+
+
+def sens_spec(scores: list[float], labels: list[bool], t: float) -> tuple[float, float]:
+    pos = [s >= t for s, y in zip(scores, labels) if y]
+    neg = [s < t for s, y in zip(scores, labels) if not y]
+    return (sum(pos) / len(pos) if pos else float("nan"), sum(neg) / len(neg) if neg else float("nan"))
+
+
+def lesion_observer(per_case: list[dict], fixed: dict | None = None, chosen_on: str = "") -> tuple[dict, dict]:
+    """The observer's figures per source: ({name}_lesion_auc, _sensitivity, _specificity and the
+    _own ones) and its settings. Without `fixed` (a validation run) the design is chosen by the real
+    fusions' AUC and each source's threshold by Youden's J; with `fixed` (a validation run's
+    `lesion_observer`) both are applied unchanged."""
+    labels = [bool(c["lesion"]) for c in per_case]
+    sources = [k[:-len("_spine_p99")] for k in per_case[0] if k.endswith("_spine_p99") and k != "floor_spine_p99"]
+    if fixed is None:
+        auc = {d: roc_auc([c[f"real_spine_{d}"] for c in per_case], labels) for d in OBSERVER_DESIGNS}
+        design = max(OBSERVER_DESIGNS, key=lambda d: auc[d] or 0.0)
+        own = {n: youden_threshold([c[f"{n}_spine_{design}"] for c in per_case], labels) for n in sources}
+        settings = {"design": design, "reads": OBSERVER_DESIGNS[design], "real_auc_by_design": auc,
+                    "threshold": own["real"], "own_thresholds": own,
+                    "chosen_on": f"{len(per_case)} studies ({sum(labels)} with a lesion) {chosen_on}".strip()}
+    else:
+        design, own = fixed["design"], fixed["own_thresholds"]
+        settings = {k: fixed[k] for k in ("design", "threshold", "own_thresholds", "chosen_on")}
+        settings["reads"] = OBSERVER_DESIGNS[design]
+    figures = {}
+    for n in sources:
+        scores = [c[f"{n}_spine_{design}"] for c in per_case]
+        figures[f"{n}_lesion_auc"] = roc_auc(scores, labels)
+        for suffix, t in (("", settings["threshold"]), ("_own", own.get(n))):
+            if t is not None:
+                se, sp = sens_spec(scores, labels, t)
+                figures[f"{n}_lesion_sensitivity{suffix}"], figures[f"{n}_lesion_specificity{suffix}"] = se, sp
+    return {k: None if v is None else round(v, 3) for k, v in figures.items()}, settings
+
+
 def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
     """Per-slice PSNR/SSIM/MSE of the ceiling, the floor, and (draws > 0) the typical guess and
-    the MR-only bound, and (with a model) of the model; the same inside the lesion, if any."""
+    the MR-only bound, and (with a model) of the model; the same inside the lesion, if any. The
+    observer's per-study scores of the real fusion and of each prediction are one-value lists
+    `{name}_spine_{design}`."""
     spec.pet_grid = "mr"  # everything here is on the MR grid: the scanner's axial PET is not needed
     sim = simulate(spec)
     g = sim.grid
@@ -223,6 +327,12 @@ def score_case(spec, draws: int = 0, model=None) -> dict[str, list[float]]:
         out[f"{name}_hidden_mse"], out[f"{name}_myocardium_bias"] = region_scores(real_t, pred, hidden, mask)
         if mask is not None:
             out[f"{name}_lesion_psnr"], out[f"{name}_lesion_bias"] = lesion_scores(real_t, pred, mask)
+    spine = spine_grid(sim, place)
+    for name, fused in {"real": real_t, **preds}.items():
+        if name == "floor":  # no PET colour by construction
+            continue
+        for design, v in observer_scores(pet_colour(fused, preds["floor"]), spine).items():
+            out[f"{name}_spine_{design}"] = [v]
     return out
 
 
@@ -249,6 +359,14 @@ def cohort_summary(result: dict, command: str) -> dict:
             if f"{n}_{k}" in result:
                 out[n][k] = result[f"{n}_{k}"]["mean"]
         out[n]["uptake_shown"] = uptake_shown(result["per_case"], n)
+        for k in ("auc", "sensitivity", "specificity"):
+            if f"{n}_lesion_{k}" in result:
+                out[n][f"lesion_{k}"] = result[f"{n}_lesion_{k}"]
+    if "lesion_observer" in result:
+        obs = result["lesion_observer"]
+        out["lesion_observer"] = {"reads": obs["reads"], "threshold": round(obs["threshold"], 4),
+                                  "chosen_on": obs["chosen_on"],
+                                  "real": {k: result[f"real_lesion_{k}"] for k in ("auc", "sensitivity", "specificity")}}
     if "bound" in names and "model" in names:
         out["lesion_studies_under_showing"] = [
             c["case"] for c in result["per_case"]
@@ -264,24 +382,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=100, help="as given to `dicomnode phantom --cases`")
     ap.add_argument("--seed", type=int, default=11, help="as given to `dicomnode phantom --seed`")
-    ap.add_argument("--manifest", type=Path, help="data set manifest.json: score only the patients of --split")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split-seed", type=int, help="score only --split of the patient-level split that "
+                    "`python -m training data --seed N` draws on these studies")
+    ap.add_argument("--split", default="test", choices=("train", "val", "test"))
     ap.add_argument("--lesion-only", action="store_true", help="score only the studies with a lesion")
     ap.add_argument("--limit", type=int, help="score only the first N studies (after --split and --lesion-only)")
     ap.add_argument("--draws", type=int, default=0, help="re-paintings per study for the MR-only bound (0: skip it)")
     ap.add_argument("--model", type=Path, help="also score this model directory on the re-simulated studies")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--observer", type=Path, help="a validation run's --out or --save-observer: apply its lesion "
+                    "observer (design and thresholds) instead of choosing one on these studies")
+    ap.add_argument("--save-observer", type=Path, help="write the lesion observer (design, thresholds) and this "
+                    "command here, for --observer")
     ap.add_argument("--update-card", action="store_true", help="write the summary and this command into the "
                     "model's model.json (`cohort`)")
     a = ap.parse_args()
     if a.update_card and not a.model:
         ap.error("--update-card needs --model")
     torch.set_num_threads(a.threads)
+    fixed = json.loads(a.observer.read_text())["lesion_observer"] if a.observer else None
     model = load_model(a.model, torch.device("cpu")) if a.model else None
     specs = plan_cases(a.cases, a.seed)
-    if a.manifest:
-        keep = set(json.loads(a.manifest.read_text())["splits"][a.split])
+    if a.split_seed is not None:  # every phantom study pairs, so the data set's split is this one
+        keep = set(split_patients([s.patient_id for s in specs], a.split_seed)[a.split])
         specs = [s for s in specs if s.patient_id in keep]
     if a.lesion_only:
         specs = [s for s in specs if s.lesion]
@@ -292,30 +416,41 @@ def main() -> None:
         scores = score_case(spec, a.draws, model)
         per_case.append({"case": spec.case_id, "lesion": spec.lesion, "slices": spec.slices,
                          "myocardium_suv": round(scene(spec).anatomy.heart_suv, 2),
-                         **{key: round(float(np.mean(vals)), 6 if key.endswith("_mse") else 3)
+                         **{key: round(float(np.mean(vals)), 6 if key.endswith("_mse") or "_spine_" in key else 3)
                             for key, vals in scores.items() if vals}})
         for key, vals in scores.items():
-            values.setdefault(key, []).extend(vals)
-    result = {"cases": len(specs), "slices": len(values.get("ceiling_psnr", [])), "split": a.split if a.manifest else None,
-              "metric_note": imagemetrics.METRIC_NOTE}
+            if "_spine_" not in key:  # per-study observer scores: summarised by lesion_observer
+                values.setdefault(key, []).extend(vals)
+    result = {"cases": len(specs), "slices": len(values.get("ceiling_psnr", [])),
+              "split": a.split if a.split_seed is not None else None, "metric_note": imagemetrics.METRIC_NOTE}
     for key, vals in values.items():
         digits = 6 if key.endswith("_mse") else 3
         result[key] = {"mean": round(float(np.mean(vals)), digits), "sd": round(float(np.std(vals)), digits)}
     for key in [k for k in values if k.endswith("_mse")]:  # the MSE bound is exact for this aggregate
         result[key[:-4] + "_psnr_of_mean_mse"] = round(float(-10 * np.log10(np.mean(values[key]))), 3)
+    if per_case:
+        where = f"--cases {a.cases} --seed {a.seed}" + (f" --split-seed {a.split_seed} --split {a.split}"
+                                                         if a.split_seed is not None else "")
+        figures, result["lesion_observer"] = lesion_observer(per_case, fixed, f"of {where}")
+        result.update(figures)
     result["per_case"] = per_case  # means over each study's slices
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
         a.out.write_text(text + "\n")
+    argv, skip = [], False  # the command that reproduces the results: without what only says where they go
+    for arg in sys.argv[1:]:
+        if not skip and arg not in ("--update-card", "--out", "--save-observer") and \
+                not arg.startswith(("--out=", "--save-observer=")):
+            argv.append(arg)
+        skip = arg in ("--out", "--save-observer")
+    command = " ".join(["python bench/bench_ceiling.py", *argv])
+    if a.save_observer and "lesion_observer" in result:
+        a.save_observer.write_text(json.dumps({"command": command, "lesion_observer": result["lesion_observer"]},
+                                              indent=1) + "\n")
     if a.update_card:
         card = read_card(a.model)
-        argv, skip = [], False  # the command that reproduces the block: no --update-card, no --out
-        for arg in sys.argv[1:]:
-            if not skip and arg not in ("--update-card", "--out") and not arg.startswith("--out="):
-                argv.append(arg)
-            skip = arg == "--out"
-        card["cohort"] = cohort_summary(result, " ".join(["python bench/bench_ceiling.py", *argv]))
+        card["cohort"] = cohort_summary(result, command)
         write_card(a.model, card)
 
 

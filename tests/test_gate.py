@@ -27,7 +27,7 @@ from dicomnode.tools.phantom import generate
 from dicomnode.tools.phantom.generate import write_case
 from tests.support.nodehelpers import make_raw_config, wait_for, write_toml
 from tests.support.peers import dcmtk, free_port, run, wait_for_node
-from tests.support.tinymodel import make_tiny_model
+from tests.support.tinymodel import make_calibrated_tiny_model, make_tiny_model, ood_series
 from training.calibrate import calibrate
 from training.data import build_dataset
 
@@ -124,13 +124,7 @@ def test_output_check_catches_colour_in_the_air_a_collapse_and_saturation():
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("gate")
-    generate(root / "export", 24, seed=51, min_matrix=64, max_matrix=64, min_slices=8, max_slices=8, pet_grid="mr")
-    build_dataset(root / "export", root / "data", source="fusion-sc", site_key=root / "key", val_fraction=0.25,
-                  test_fraction=0.1)
-    model = make_tiny_model(root / "tiny")
-    calibrate(model, root / "data", command="test")
-    return model
+    return make_calibrated_tiny_model(tmp_path_factory.mktemp("gate"))
 
 
 def test_calibration_writes_the_gate_and_its_card_block(calibrated):
@@ -184,11 +178,6 @@ def test_the_shipped_gate_on_phantom_series(shipped, tmp_path, content, passes):
 
 # -- what the node and `infer` do with it ------------------------------------------------------
 
-def _ood_series(root: Path, content: str) -> list[Path]:
-    info = write_case(root, 7207, rows=64, cols=64, slices=8, content=content, pet_grid="mr")
-    return sorted(map(Path, info["mr"]))
-
-
 def test_the_node_refuses_a_series_outside_the_training_data(calibrated, tmp_path, port):
     mport = free_port()
     raw = make_raw_config(tmp_path, port, metrics={"enabled": True, "host": "127.0.0.1", "port": mport},
@@ -199,7 +188,7 @@ def test_the_node_refuses_a_series_outside_the_training_data(calibrated, tmp_pat
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_node(proc, port, timeout=60)
-        run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, _ood_series(tmp_path / "in", "noise"))])
+        run([dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, ood_series(tmp_path / "in", "noise"))])
         metrics = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()  # noqa: E731
         assert wait_for(lambda: 'dicomnode_jobs{state="ignored"} 1.0' in metrics(), 90), metrics()
         body = metrics()
@@ -218,7 +207,7 @@ def test_the_node_refuses_a_series_outside_the_training_data(calibrated, tmp_pat
 
 
 def test_infer_flags_a_series_outside_the_training_data(calibrated, tmp_path):
-    files = _ood_series(tmp_path / "in", "noise")
+    files = ood_series(tmp_path / "in", "noise")
     toml = write_toml(tmp_path / "node.toml", {"safety": {"input": "flag", "output": "off"},
                                                "inference": {"steps": 1, "warm_start": 0.3}})
     proc = subprocess.run([sys.executable, "-m", "dicomnode.cli", "infer", str(files[0].parent), str(tmp_path / "out"),
@@ -243,7 +232,7 @@ def test_infer_flags_a_series_outside_the_training_data(calibrated, tmp_path):
 
 def test_rules_test_prints_the_gate_decision(calibrated, tmp_path):
     ok = write_case(tmp_path / "ok", 51, rows=64, cols=64, slices=8, pet_grid="mr")
-    files = [Path(ok["mr"][0]).parent, _ood_series(tmp_path / "bad", "noise")[0].parent]
+    files = [Path(ok["mr"][0]).parent, ood_series(tmp_path / "bad", "noise")[0].parent]
     toml = write_toml(tmp_path / "node.toml", {"inference": {"model": str(calibrated)}})
     proc = subprocess.run([sys.executable, "-m", "dicomnode.cli", "rules", "test", *map(str, files), "--config",
                            str(toml), "--json"], capture_output=True, text=True, timeout=300)

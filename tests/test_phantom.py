@@ -203,7 +203,31 @@ def test_hidden_uptake_values_leave_the_mr_unchanged():
     lesion = dataclasses.replace(sc.lesion, **{f: getattr(Lesion.sample(rng), f) for f in Lesion.HIDDEN_UPTAKE})
     other = paint_case(anat, sc.grid, spec.weighting, lesion, sc.modic, copy.deepcopy(sc.rng))
     assert np.array_equal(other.mr, same.mr)
+    assert np.array_equal(other.spine_mask, same.spine_mask)
     assert np.abs(other.suv - same.suv).max() > 0.1
+
+
+def test_spine_mask_is_the_vertebral_bodies_and_discs():
+    """`Simulated.spine_mask` (the model observer's region in bench_ceiling) holds the bodies'
+    marrow and most of an infected disc's lesion, and little else."""
+    import copy
+    import dataclasses
+
+    from dicomnode.tools.phantom.anatomy import paint_case
+    from dicomnode.tools.phantom.generate import scene
+
+    spec = plan_cases(1, seed=5, lesion_fraction=1.0, min_matrix=64, max_matrix=64, min_slices=6, max_slices=6)[0]
+    sim = simulate(spec)
+    m = sim.spine_mask
+    assert m.shape == sim.mr.shape and m.dtype == bool
+    assert 0.01 < m.mean() < 0.15
+    sc = scene(spec)  # the marrow's pixels: those whose SUV follows the marrow SUV
+    hot = paint_case(dataclasses.replace(sc.anatomy, marrow_suv=sc.anatomy.marrow_suv + 5.0), sc.grid,
+                     spec.weighting, sc.lesion, sc.modic, copy.deepcopy(sc.rng))
+    marrow = np.abs(hot.suv - sim.suv_true) > 2.5
+    assert (marrow & m).sum() / m.sum() > 0.5  # the bodies are mostly marrow
+    assert (marrow & m).sum() / marrow.sum() > 0.4  # the rest of the marrow is in the posterior elements
+    assert (sim.lesion_mask & m).sum() / sim.lesion_mask.sum() > 0.5
 
 
 def test_cli_phantom_with_preview(tmp_path):

@@ -27,7 +27,7 @@ from dicomnode.node import Node
 from tests.support.dicomfactory import make_series
 from tests.support.nodehelpers import Sink, make_raw_config, wait_for
 from tests.support.peers import dcmtk, free_port, run
-from tests.support.tinymodel import TINY_INFERENCE, make_tiny_model
+from tests.support.tinymodel import TINY_INFERENCE, make_calibrated_tiny_model, make_tiny_model, ood_series
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -50,7 +50,7 @@ def test_ray_tests_in_a_loopback_only_network():
                           cwd=Path(__file__).resolve().parents[1])
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    assert re.search(r"^4 passed", proc.stdout, re.M), tail  # all of them ran (none skipped) inside
+    assert re.search(r"^5 passed", proc.stdout, re.M), tail  # all of them ran (none skipped) inside
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,31 @@ def test_ray_backend_makes_the_same_series_as_the_local_one(tmp_path, tiny):
                 assert "2 Ray actor(s)" in check.detail
     assert len(results["local"]) == 8
     assert results["ray"] == results["local"]  # same UIDs, same pixels
+
+
+@inside
+def test_a_refusal_by_the_safety_gate_on_a_ray_worker_ends_the_job_ignored(tmp_path):
+    """The gate runs on the worker; its refusal crosses Ray as the engine's InferenceRefused: the
+    job ends 'ignored' with the reason, is not retried and sends nothing."""
+    gated = make_calibrated_tiny_model(tmp_path / "gated")
+    sink = Sink()
+    port = free_port()
+    raw = node_config(tmp_path / "node", port, gated, "ray", ray_actors=1)
+    raw["destinations"] = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": sink.port}]
+    cfg = config_from_dict(raw)
+    try:
+        with Node(cfg, Synthesis(cfg.inference)) as node:
+            assert wait_for(lambda: node.readiness().ok, 120), node.readiness()
+            send(port, ood_series(tmp_path / "in", "noise"))
+            assert wait_for(lambda: node.journal.jobs() and node.journal.jobs()[0].state in
+                            (JobState.IGNORED, JobState.DONE, JobState.FAILED), 120)
+            (job,) = node.journal.jobs()
+            assert job.state == JobState.IGNORED, job
+            assert job.reason.startswith("input outside the model's training data: score"), job.reason
+            assert job.attempts == 0 and not job.outputs
+    finally:
+        sink.server.shutdown()
+    assert not sink.arrivals
 
 
 @inside

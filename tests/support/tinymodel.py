@@ -27,6 +27,29 @@ def make_tiny_model(path: Path, name: str = "tinytest", version: str = "tiny-1")
     return Path(path)
 
 
+def make_calibrated_tiny_model(root: Path) -> Path:
+    """The tiny model with its safety gate calibrated on a small phantom data set (24 studies of
+    64 x 64 x 8) under `root`: it refuses, for example, a noise series (`noise_series`)."""
+    from dicomnode.tools.phantom import generate
+    from training.calibrate import calibrate
+    from training.data import build_dataset
+
+    generate(root / "export", 24, seed=51, min_matrix=64, max_matrix=64, min_slices=8, max_slices=8, pet_grid="mr")
+    build_dataset(root / "export", root / "data", source="fusion-sc", site_key=root / "key", val_fraction=0.25,
+                  test_fraction=0.1)
+    model = make_tiny_model(root / "tiny")
+    calibrate(model, root / "data", command="test")
+    return model
+
+
+def ood_series(root: Path, content: str = "noise") -> list[Path]:
+    """A 64 x 64 x 8 phantom series with other `content` under a T2FS header (phantom --content)."""
+    from dicomnode.tools.phantom.generate import write_case
+
+    info = write_case(root, 7207, rows=64, cols=64, slices=8, content=content, pet_grid="mr")
+    return sorted(map(Path, info["mr"]))
+
+
 def rotate_series(paths, degrees: float, axis=(0.0, 0.0, 1.0)) -> None:
     """Make a series oblique in place: rotate orientation and positions about `axis` (Rodrigues)."""
     k = np.asarray(axis, float) / np.linalg.norm(axis)

@@ -223,11 +223,13 @@ class Lesion:
 
 @dataclass
 class Painted:
-    """Clean MR signal (relative), true SUV, and the lesion mask on the slice grid."""
+    """Clean MR signal (relative), true SUV, the lesion mask and the spine mask (the vertebral
+    bodies and discs) on the slice grid."""
 
     mr: np.ndarray
     suv: np.ndarray
     lesion_mask: np.ndarray
+    spine_mask: np.ndarray
     meta: dict = field(default_factory=dict)
 
 
@@ -407,6 +409,8 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
     sd = np.where(is_vert, -e, e).astype(np.float32)
     ax = ellipsoid((k.t + k.D / 2, k.D / 2), (k.xl, k.W), p=4)
     col = ramp(ax, w3)
+    spine_mask = np.zeros(shape, bool)
+    spine_mask[bx_col] = np.broadcast_to(col > 0.5, spine_mask[bx_col].shape)
     vfrac = ramp(sd, w2)
     cc.paint(col * vfrac, "cortex", anat.marrow_suv * 0.5)
     cc.paint(ramp(ax + 1.5, w3) * ramp(sd + 1.2, w2), "marrow", anat.marrow_suv,
@@ -488,4 +492,4 @@ def paint_case(anat: Anatomy, grid: SliceGrid, weighting: str, lesion: Lesion | 
             np.maximum(cc.suv, (uptake / peak * np.float32(lesion.suv_peak)).astype(np.float32), out=cc.suv)
         lm |= uptake > 0.3 * max(peak, 1e-6)
         meta["lesion_level"] = f"{LEVELS[anat.lesion_disc + 1]}/{LEVELS[anat.lesion_disc]}"
-    return Painted(mr=c.mr, suv=c.suv, lesion_mask=lesion_mask, meta=meta)
+    return Painted(mr=c.mr, suv=c.suv, lesion_mask=lesion_mask, spine_mask=spine_mask, meta=meta)

@@ -137,6 +137,7 @@ class Simulated:
     suv: np.ndarray  # measured SUV on the MR grid (float32): what the fusion SC shows
     suv_true: np.ndarray
     lesion_mask: np.ndarray
+    spine_mask: np.ndarray  # vertebral bodies and discs
     meta: dict
     pet_grid: SliceGrid | None = None  # the scanner's axial PET (None with spec.pet_grid "mr")
     pet_suv: np.ndarray | None = None  # measured SUV on pet_grid
@@ -254,7 +255,7 @@ def simulate(spec: CaseSpec) -> Simulated:
         mr = _rotated(mr)
     meta = dict(painted.meta, pet_fwhm_mm=round(fwhm, 2), pet_noise=noise, modic=sc.modic,
                 uptake_true=round(sc.lesion.suv_peak, 3) if sc.lesion else None)
-    sim = Simulated(sc.grid, mr, suv, painted.suv, painted.lesion_mask, meta)
+    sim = Simulated(sc.grid, mr, suv, painted.suv, painted.lesion_mask, painted.spine_mask, meta)
     if spec.pet_grid == "scanner":  # the same patient, lesion and scanner, on the PET's own grid
         sim.pet_grid = scanner_pet_grid(sc.grid, spec.vendor)
         prng = np.random.default_rng(np.random.SeedSequence([spec.seed, spec.case_index, 0x9E7]))
