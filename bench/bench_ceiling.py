@@ -45,15 +45,15 @@ pixel (the fusion minus the grey of the no-PET fusion, over the opacity) inside 
 vertebral bodies and discs (`Simulated.spine_mask`, on the grid, eroded by 2 pixels) and scores the
 study by one of OBSERVER_DESIGNS. On a validation run (no --observer) the design is chosen by the
 real fusions' ROC AUC for lesion presence, and each source's threshold by Youden's J on its own
-scores; `--out` saves both. A cohort run given that file (`--observer VAL.json`) applies them
+scores; `--save-observer` saves both. A cohort run given that file (`--observer`) applies them
 unchanged and reports, per source, `*_lesion_auc`, and sensitivity and specificity at the real
 fusions' threshold (`*_lesion_sensitivity`, `*_lesion_specificity`: a reader's eye trained on
 real PET reading synthetic images) and at the source's own (`*_own`).
 
     python bench/bench_ceiling.py --cases 400 --seed 12 --split-seed 0 --split val \
-        --draws 16 --model models/t2fs2petfusion --out val.json
+        --draws 16 --model models/t2fs2petfusion --save-observer observer.json
     python bench/bench_ceiling.py --cases 40 --seed 2027 --draws 16 --model models/t2fs2petfusion \
-        --observer val.json
+        --observer observer.json
 """
 
 from __future__ import annotations
